@@ -1,0 +1,370 @@
+"""The typed config tree: defaults < YAML file < `key.sub=value` overrides on the command line.
+
+Every field has a default and a docstring (read back by `field_docs()` for `ddpm-train --help-config`).
+Validation happens at start-up, before anything is built, and fails with a `ConfigError` whose
+one-line message names the key and says what to do.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in the config: the message is one line and names the key."""
+
+
+@dataclass
+class DataConfig:
+    urls: list[str] = field(default_factory=lambda: ["data/demo/fashion-mnist-{000000..000004}.tar"])
+    """Shards: brace patterns (`x-{000000..000099}.tar`), globs, directories, http(s):// or pipe: URLs."""
+    image_size: int = 32
+    """Training resolution in pixels; other sizes are resized (shorter side) and centre-cropped."""
+    channels: int = 3
+    """1 (grayscale) or 3 (RGB); images of other modes are converted. The UNet follows this."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 decodes in the training process)."""
+    random_flip: bool = True
+    """Random horizontal flip of each sample, applied on the device."""
+
+
+@dataclass
+class ModelConfig:
+    channels: int = 128
+    """Base channel count `ch` of the UNet (Ho et al. 2020 use 128)."""
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
+    """Channel multiplier per resolution level; the image is halved between levels."""
+    num_res_blocks: int = 2
+    """Residual blocks per level on the way down (one more on the way up)."""
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])
+    """Feature-map sizes in pixels (e.g. 16 = at 16x16) that get a self-attention block."""
+    dropout: float = 0.1
+    """Dropout inside residual blocks (0.1 for CIFAR-10 in the paper)."""
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    """Number of diffusion steps T."""
+    beta_schedule: str = "linear"
+    """`linear` (Ho et al. 2020) or `cosine` (Nichol and Dhariwal 2021)."""
+    beta_start: float = 1e-4
+    """beta_1 of the linear schedule."""
+    beta_end: float = 0.02
+    """beta_T of the linear schedule."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    """Peak learning rate of AdamW, reached after warmup_steps."""
+    warmup_steps: int = 5000
+    """Optimizer steps of linear warm-up from 0 to lr; constant afterwards (as in the paper)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.9999
+    """EMA decay per optimizer step (0.9999 in the paper); the EMA weights are kept in fp32."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 800_000
+    """Optimizer steps to train for (a resumed run continues up to this number)."""
+    micro_batch_size: int = 128
+    """Samples per forward pass on each process."""
+    grad_accum_steps: int = 1
+    """Micro batches accumulated per optimizer step."""
+    mixed_precision: str = "bf16"
+    """`no`, `bf16` or `fp16` (fp16 uses loss scaling; a skipped step leaves EMA and LR untouched)."""
+    seed: int = 0
+    """Seed of everything: weights, data order, timesteps, noise and flips."""
+    compile: str = "auto"
+    """`auto` (torch.compile on CUDA, eager on CPU), `yes` or `no` (the eager fallback)."""
+
+
+@dataclass
+class CkptConfig:
+    every_steps: int = 5000
+    """Save a checkpoint every this many optimizer steps (and at the end of training)."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints; older ones are deleted after a successful save."""
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 100
+    """Write scalars to TensorBoard and refresh the progress bar every this many steps."""
+    sample_every_steps: int = 5000
+    """Write a grid of EMA samples to TensorBoard and run_dir/samples/ every this many steps (0: never)."""
+    num_samples: int = 64
+    """Images in each sample grid."""
+    sample_steps: int = 100
+    """DDIM steps used for the sample grids written during training."""
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    """Checkpoints, TensorBoard events, samples and the resolved config go here; reusing it resumes."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML and dotted overrides.
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every leaf key of the tree in dotted form, e.g. `optim.lr`."""
+    keys = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += all_keys(hints[f.name], prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _nearest(key: str) -> str:
+    keys = all_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.0)
+    # Also match on the last component alone ('learning_rate' vs 'lr' is hopeless, 'warmup' is not).
+    leaf = difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in keys], n=1, cutoff=0.6)
+    if leaf:
+        close = [k for k in keys if k.split(".")[-1] == leaf[0]][:1]
+    return close[0] if close else keys[0]
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
+    origin = get_origin(typ)
+    if origin is list:
+        (item,) = get_args(typ)
+        if isinstance(value, str):
+            text = value.strip()
+            # Accept `[1,2,2]`, `1,2,2` and a single item on the command line.
+            value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # PyYAML reads `1e-4` (no dot) as a string.
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, bool):  # YAML turns a bare `no`/`yes` into a bool.
+            return "yes" if value else "no"
+    else:
+        raise TypeError(f"unsupported config type {typ} for {key}")
+    name = getattr(typ, "__name__", str(typ))
+    raise ConfigError(f"{key}: expected {name}, got {value!r}")
+
+
+def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {data!r}")
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for name, value in data.items():
+        key = prefix + str(name)
+        if name not in names:
+            raise ConfigError(f"{source}: unknown key '{key}'; did you mean '{_nearest(key)}'?")
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            _apply(getattr(obj, name), value, key + ".", source)
+        else:
+            setattr(obj, name, _coerce(value, typ, key))
+
+
+def _override(cfg: Config, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.sub=value (e.g. train.max_steps=1000)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if key not in all_keys():
+        raise ConfigError(f"command line: unknown key '{key}'; did you mean '{_nearest(key)}'?")
+    value = yaml.safe_load(text) if text.strip() else ""
+    *parents, leaf = key.split(".")
+    target = cfg
+    for p in parents:
+        target = getattr(target, p)
+    setattr(target, leaf, _coerce(value, get_type_hints(type(target))[leaf], key))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `key.sub=value` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        _apply(cfg, data, "", str(path))
+    for item in overrides:
+        _override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def from_dict(data: dict, source: str = "config") -> Config:
+    cfg = Config()
+    _apply(cfg, data, "", source)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: impossible values fail here, at start-up, not at step 50,000.
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config) -> None:
+    d, m, df, o, t = cfg.data, cfg.model, cfg.diffusion, cfg.optim, cfg.train
+    _check(bool(cfg.run_dir), "run_dir", "must not be empty")
+    _check(len(d.urls) > 0, "data.urls", "give at least one shard pattern")
+    _check(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
+    _check(d.image_size >= 4, "data.image_size", f"must be at least 4, got {d.image_size}")
+    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(m.channels > 0, "model.channels", f"must be > 0, got {m.channels}")
+    _check(len(m.channel_mult) > 0 and all(x > 0 for x in m.channel_mult), "model.channel_mult",
+           f"must be a non-empty list of positive ints, got {m.channel_mult}")
+    _check(m.num_res_blocks >= 1, "model.num_res_blocks", f"must be >= 1, got {m.num_res_blocks}")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    halvings = len(m.channel_mult) - 1
+    _check(d.image_size % (2 ** halvings) == 0, "data.image_size",
+           f"{d.image_size} cannot be halved {halvings} times for model.channel_mult={m.channel_mult}; "
+           f"use a multiple of {2 ** halvings} or fewer levels")
+    levels = [d.image_size // 2 ** i for i in range(len(m.channel_mult))]
+    for r in m.attention_resolutions:
+        _check(r in levels, "model.attention_resolutions",
+               f"{r} is not a feature-map size of this UNet (sizes are {levels})")
+    _check(df.timesteps >= 2, "diffusion.timesteps", f"must be >= 2, got {df.timesteps}")
+    _check(df.beta_schedule in ("linear", "cosine"), "diffusion.beta_schedule",
+           f"must be 'linear' or 'cosine', got '{df.beta_schedule}'")
+    _check(0.0 < df.beta_start < df.beta_end < 1.0, "diffusion.beta_start",
+           f"need 0 < beta_start < beta_end < 1, got {df.beta_start} and {df.beta_end}")
+    _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be > 0, got {o.lr}")
+    _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _check(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optim.adam_beta1",
+           "adam_beta1 and adam_beta2 must be in [0, 1)")
+    _check(0.0 <= cfg.ema.decay < 1.0, "ema.decay", f"must be in [0, 1), got {cfg.ema.decay}")
+    _check(t.max_steps >= 0, "train.max_steps", f"must be >= 0, got {t.max_steps}")
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
+    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
+    _check(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision",
+           f"must be 'no', 'bf16' or 'fp16', got '{t.mixed_precision}'")
+    _check(t.compile in ("auto", "yes", "no"), "train.compile", f"must be 'auto', 'yes' or 'no', got '{t.compile}'")
+    _check(cfg.ckpt.every_steps >= 1, "ckpt.every_steps", f"must be >= 1, got {cfg.ckpt.every_steps}")
+    _check(cfg.ckpt.keep_last >= 1, "ckpt.keep_last", f"must be >= 1, got {cfg.ckpt.keep_last}")
+    _check(cfg.log.every_steps >= 1, "log.every_steps", f"must be >= 1, got {cfg.log.every_steps}")
+    _check(cfg.log.sample_every_steps >= 0, "log.sample_every_steps", "must be >= 0 (0 disables)")
+    _check(cfg.log.num_samples >= 1, "log.num_samples", f"must be >= 1, got {cfg.log.num_samples}")
+    _check(1 <= cfg.log.sample_steps <= df.timesteps, "log.sample_steps",
+           f"must be in [1, diffusion.timesteps={df.timesteps}], got {cfg.log.sample_steps}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Field docstrings, read from this file's source so there is one place to write them.
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """`{dotted key: docstring}` from the attribute docstrings under each dataclass field."""
+    docs: dict[str, str] = {}
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    hints = get_type_hints(cls)
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            name = node.target.id
+            if dataclasses.is_dataclass(hints.get(name)):
+                docs.update(field_docs(hints[name], prefix + name + "."))
+            elif isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[prefix + name] = str(nxt.value.value).strip()
+    return docs
+
+
+def describe() -> str:
+    """All keys with their defaults and docstrings, for `ddpm-train --help-config`."""
+    defaults = flatten(to_dict(Config()))
+    docs = field_docs()
+    return "\n".join(f"{k} = {defaults[k]!r}\n    {docs.get(k, '')}" for k in all_keys())
