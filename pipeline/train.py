@@ -33,6 +33,9 @@ from .unet import UNet
 log = logging.getLogger("pipeline.train")
 
 # Changing these under an existing run would make its checkpoints meaningless.
+# Keeps the per-step dropout seed apart from the (seed, step, rank, micro) data/noise seeds.
+DROPOUT_STREAM = 1 << 20
+
 BREAKING_KEYS = ("model.", "diffusion.", "data.image_size", "data.channels")
 
 
@@ -111,6 +114,7 @@ def train(cfg: Config, dry_run: bool = False) -> TrainResult | None:
     urls = resolve_urls(cfg.data.urls)
     rt = build_runtime(cfg)
     run_dir = Path(cfg.run_dir)
+    seed_everything(cfg.train.seed)  # the same initial weights on every rank and every run
     net = build_model(cfg)
     n_params = sum(p.numel() for p in net.parameters())
     if dry_run:
@@ -155,9 +159,10 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
     # Resume from the newest complete checkpoint, if any.
     checkpointer = Checkpointer(run_dir, cfg.ckpt.keep_last, rt.rank, rt.world_size, rt.barrier)
     step, images_seen = 0, 0
+    saved_rng = None
 
     def load(path: Path) -> None:
-        nonlocal step, images_seen
+        nonlocal step, images_seen, saved_rng
         state = ckpt_io.read_train_state(path)
         net.load_state_dict(ckpt_io.read_weights(path, "model"))
         ema.ema_model.load_state_dict(ckpt_io.read_weights(path, "ema"))
@@ -170,7 +175,7 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
         mine = path / ckpt_io.rank_file(rt.rank)
         if state["world_size"] == rt.world_size and mine.is_file():
             rank_state = ckpt_io.read_object(path, mine.name)
-            set_rng_state(rank_state["rng"])
+            saved_rng = rank_state["rng"]
             loader.load_state_dict(rank_state["data"])
         else:
             log.warning("world size changed (%d -> %d): RNG and data position start afresh on each rank",
@@ -199,7 +204,9 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
     flops_per_image = count_flops_per_image(cfg) if rt.is_main else 0.0
     peak_flops = matmul_peak_flops(device) if rt.is_main else None
     generator = torch.Generator(device=device)
-    data_iter = iter(loader)
+    data_iter = iter(loader)  # draws a worker base seed from the global RNG: restore RNG after it
+    if saved_rng is not None:
+        set_rng_state(saved_rng)
     meter = Throughput()
     loss_sum = torch.zeros((), device=device)
     grad_norm_sum = torch.zeros((), device=device)
@@ -214,6 +221,9 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
                 batch = next(data_iter)
                 wait = time.perf_counter() - t0
                 generator.manual_seed(derive_seed(tc.seed, step, rt.rank, micro))
+                # Dropout draws from the global RNG: reseed it here, after the batch is fetched, so
+                # nothing else that touches it (loader start-up, sampling) can shift a resumed run.
+                torch.manual_seed(derive_seed(tc.seed, step, rt.rank, micro, DROPOUT_STREAM))
                 x0 = to_model_input(batch, device, random_flip=cfg.data.random_flip, generator=generator)
                 x0 = x0.contiguous(memory_format=memory_format)
                 t = diffusion.sample_timesteps(x0.shape[0], device, generator=generator)
@@ -228,6 +238,7 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
             # Clip, step, and update EMA and LR only when the step was real (fp16 may skip one).
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = acc.clip_grad_norm_(net.parameters(), max_norm)
+            step_lr = optimizer.param_groups[0]["lr"]  # the LR this step uses, for logging
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if not (acc.scaler is not None and acc.optimizer_step_was_skipped):
@@ -243,7 +254,7 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
                 mean_loss = acc.reduce(loss_sum, reduction="mean").item() / steps_in_window
                 mean_norm = grad_norm_sum.item() / steps_in_window
                 images_per_sec, data_wait_frac = meter.read()
-                scalars = {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
+                scalars = {"train/loss": mean_loss, "train/lr": step_lr,
                            "train/grad_norm": mean_norm, "train/images_seen": images_seen,
                            "perf/images_per_sec": images_per_sec, "perf/data_wait_frac": data_wait_frac}
                 if peak_flops:
@@ -294,7 +305,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config, parameter count and global batch, then exit")
     parser.add_argument("--help-config", action="store_true", help="list every config key with default and meaning")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before or after --dry-run
 
 
 def main(argv: list[str] | None = None) -> int:
