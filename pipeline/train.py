@@ -204,7 +204,8 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
     flops_per_image = count_flops_per_image(cfg) if rt.is_main else 0.0
     peak_flops = matmul_peak_flops(device) if rt.is_main else None
     generator = torch.Generator(device=device)
-    data_iter = iter(loader)  # draws a worker base seed from the global RNG: restore RNG after it
+    data_iter = iter(loader)
+    # Restore the RNG last, so nothing done while setting up can shift it.
     if saved_rng is not None:
         set_rng_state(saved_rng)
     meter = Throughput()
