@@ -101,6 +101,8 @@ class TrainConfig:
     """Seed of everything: weights, data order, timesteps, noise and flips."""
     compile: str = "auto"
     """`auto` (torch.compile on CUDA, eager on CPU), `yes` or `no` (the eager fallback)."""
+    compile_mode: str = "default"
+    """torch.compile mode when compiling: `default`, `reduce-overhead` (CUDA graphs) or `max-autotune`."""
 
 
 @dataclass
@@ -334,6 +336,9 @@ def validate(cfg: Config) -> None:
     _check(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision",
            f"must be 'no', 'bf16' or 'fp16', got '{t.mixed_precision}'")
     _check(t.compile in ("auto", "yes", "no"), "train.compile", f"must be 'auto', 'yes' or 'no', got '{t.compile}'")
+    _check(t.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+           "train.compile_mode", f"must be a torch.compile mode (default, reduce-overhead, max-autotune), "
+           f"got '{t.compile_mode}'")
     _check(cfg.ckpt.every_steps >= 1, "ckpt.every_steps", f"must be >= 1, got {cfg.ckpt.every_steps}")
     _check(cfg.ckpt.keep_last >= 1, "ckpt.keep_last", f"must be >= 1, got {cfg.ckpt.keep_last}")
     _check(cfg.log.every_steps >= 1, "log.every_steps", f"must be >= 1, got {cfg.log.every_steps}")

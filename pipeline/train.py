@@ -148,7 +148,7 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
                                   eps=cfg.optim.adam_eps, weight_decay=cfg.optim.weight_decay,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps))
-    model = torch.compile(net) if fast else net
+    model = torch.compile(net, mode=tc.compile_mode) if fast else net
     model, optimizer = acc.prepare(model, optimizer)
     diffusion = build_diffusion(cfg).to(device)
     loader = build_loader(urls, image_size=cfg.data.image_size, channels=cfg.data.channels,

@@ -1,0 +1,267 @@
+"""Training-step speed of our pipeline against the peers, measured side by side in one process.
+
+    python bench/train_speed.py --out results.jsonl               # on a GPU machine: the full table
+    python bench/train_speed.py --quick --out /tmp/r.jsonl        # CPU, tiny sizes (what CI runs)
+
+Sections, each a JSON line in --out (written as soon as measured, so a cut-off run keeps what it got):
+  info / ceiling   device, torch version, bf16 matmul TFLOP/s measured now (the MFU denominator)
+  flops            forward+backward FLOPs per image of our UNet and of diffusers' UNet2DModel
+  ours             our training step (epsilon loss on uint8 batches flipped/scaled on the device, AdamW
+                   fused, grad clip, EMA every step) in eager and compiled variants, batch 128 and 512
+  peer             diffusers UNet2DModel (its best variants) and lucidrains, from bench/peers.py
+  match            fast path (bf16 + compile) loss over the first steps vs eager fp32, same seed
+  loop             the real `pipeline.train.train` loop on JPEG shards: images/s, data wait, MFU
+A --deadline (seconds) skips what would not finish in time, so one device call always returns.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data import to_model_input  # noqa: E402
+from pipeline.train import build_diffusion, build_model, count_flops_per_image  # noqa: E402
+
+START = time.perf_counter()
+
+
+class Recorder:
+    def __init__(self, path: Path, deadline_s: float):
+        self.path, self.deadline_s = path, deadline_s
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def left_s(self) -> float:
+        return self.deadline_s - (time.perf_counter() - START)
+
+    def log(self, **rec) -> None:
+        rec["t_s"] = round(time.perf_counter() - START, 1)
+        print(json.dumps(rec), flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def section(self, name: str, need_s: float, fn, **tags) -> None:
+        if self.left_s() < need_s:
+            self.log(kind=name, skipped=f"needs ~{need_s:.0f}s, {self.left_s():.0f}s left", **tags)
+            return
+        torch._dynamo.reset()  # else a second batch size silently compiles a dynamic-shape graph
+        try:
+            self.log(kind=name, **tags, **fn())
+        except Exception as e:  # noqa: BLE001 - record and go on to the next measurement
+            traceback.print_exc()
+            self.log(kind=name, **tags, error=f"{type(e).__name__}: {str(e)[:300]}")
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def our_step_bench(cfg, batch: int, *, amp: bool, compile_mode, steps: int, warm: int, device, seed: int = 0,
+                   record_losses: bool = False) -> dict:
+    """Our training step as the loop runs it, without Accelerate's wrapper (one process, no DDP)."""
+    from ema_pytorch import EMA
+
+    torch.manual_seed(seed)
+    cuda = device.type == "cuda"
+    fmt = torch.channels_last if cuda else torch.contiguous_format
+    net = build_model(cfg).to(device, memory_format=fmt)
+    ema = EMA(net, beta=0.9999, min_value=0.9999, update_after_step=0, update_every=1,
+              include_online_model=False, use_foreach=True)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-4, fused=cuda)
+    if compile_mode is None:
+        model = net
+    elif compile_mode == "default":
+        model = torch.compile(net)
+    else:
+        model = torch.compile(net, mode=compile_mode)
+    diffusion = build_diffusion(cfg).to(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    # Distinct uint8 batches, resident on the device: the step, not the loader, is measured here.
+    pool = [torch.randint(0, 256, (batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
+                          dtype=torch.uint8, generator=g).to(device) for _ in range(4)]
+    gen = torch.Generator(device=device)
+    losses = []
+
+    def step(i):
+        gen.manual_seed(seed * 1_000_003 + i)
+        x0 = to_model_input(pool[i % len(pool)], device, random_flip=True, generator=gen).contiguous(memory_format=fmt)
+        t = diffusion.sample_timesteps(batch, device, generator=gen)
+        noise = torch.randn(x0.shape, device=device, generator=gen).contiguous(memory_format=fmt)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = diffusion.loss(model, x0, t, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update()
+        return loss.detach()
+
+    for i in range(warm):
+        out = step(i)
+        if record_losses:
+            losses.append(float(out))
+    sync(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(warm, warm + steps):
+        out = step(i)
+    sync(device)
+    dt = time.perf_counter() - t0
+    res = dict(img_s=batch * steps / dt, step_ms=1000 * dt / steps, loss=float(out),
+               params=sum(p.numel() for p in net.parameters()))
+    if cuda:
+        res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if record_losses:
+        res["losses"] = losses
+    return res
+
+
+def loop_bench(cfg_path: Path, shards: str, batch: int, steps: int, workers: int, device,
+               compile_mode: str = "default") -> dict:
+    """The real loop (`pipeline.train.train`), read back from its TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.config import load_config as load
+    from pipeline.train import train
+
+    run = Path(tempfile.mkdtemp(prefix="bench-loop-"))
+    every = max(steps // 6, 1)
+    cfg = load(cfg_path, [f"run_dir={run}", f"data.urls={shards}", f"train.micro_batch_size={batch}",
+                          f"train.max_steps={steps}", f"log.every_steps={every}", "log.sample_every_steps=0",
+                          f"ckpt.every_steps={steps}", f"data.num_workers={workers}",
+                          "optim.warmup_steps=10", f"train.compile_mode={compile_mode}"] + ([] if device.type == "cuda" else ["train.mixed_precision=no"]))
+    t0 = time.perf_counter()
+    train(cfg)
+    wall = time.perf_counter() - t0
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    # Drop the first window (compilation, worker start-up); average the rest.
+    def steady(tag):
+        vals = [e.value for e in acc.Scalars(tag)][1:] if tag in acc.Tags()["scalars"] else []
+        return sum(vals) / len(vals) if vals else None
+    return dict(img_s=steady("perf/images_per_sec"), data_wait_frac=steady("perf/data_wait_frac"),
+                mfu=steady("perf/mfu"), max_memory_gib=steady("perf/max_memory_gib"),
+                loss_last=[e.value for e in acc.Scalars("train/loss")][-1], wall_s=wall, steps=steps)
+
+
+def profile_step(cfg, batch: int, compile_mode, device, out_dir: Path) -> dict:
+    """Top CUDA kernels of our step (a few steps under torch.profiler), written to profile.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    our_step_bench(cfg, batch, amp=True, compile_mode=compile_mode, steps=1, warm=8, device=device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        our_step_bench(cfg, batch, amp=True, compile_mode=compile_mode, steps=5, warm=2, device=device)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    (out_dir / "profile.txt").write_text(table)
+    return dict(file=str(out_dir / "profile.txt"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")) / "train_speed.jsonl")
+    p.add_argument("--quick", action="store_true", help="tiny sizes for a CPU smoke run")
+    p.add_argument("--deadline", type=float, default=520, help="seconds; later sections are skipped past it")
+    p.add_argument("--shards", default=None, help="JPEG shards for the loop section (dir, glob or brace pattern)")
+    p.add_argument("--batches", default="128,512")
+    args = p.parse_args(argv)
+    rec = Recorder(args.out, args.deadline)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    import peers
+
+    if device.type == "cuda":
+        peers.setup_cuda_backends()
+    rec.log(kind="info", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            torch=torch.__version__, date=datetime.date.today().isoformat(), argv=sys.argv[1:])
+    if args.quick:
+        cfg = load_config(REPO / "configs/demo.yaml", ["model.channels=8", "model.channel_mult=[1,2]",
+                                                         "model.attention_resolutions=[14]"])
+        b_small = b_large = 4
+        steps, warm, loop_cfg, loop_batch, loop_steps, workers = 2, 1, "configs/demo.yaml", 8, 6, 1
+    else:
+        cfg = load_config(REPO / "configs/cifar10.yaml")
+        b_small, b_large = (int(b) for b in args.batches.split(","))
+        steps, warm, loop_cfg, loop_batch, loop_steps = 40, 10, "configs/cifar10.yaml", b_small, 600
+        workers = min(12, os.cpu_count() or 1)
+    ceiling = peers.matmul_ceiling_tflops(device) if device.type == "cuda" else None
+    rec.log(kind="ceiling", bf16_matmul_tflops=ceiling)
+    flops = count_flops_per_image(cfg)
+    rec.log(kind="flops", ours_fwd_bwd_flops_per_image=flops)
+
+    def mfu(res):
+        if ceiling and res.get("img_s"):
+            res["mfu"] = res["img_s"] * flops / (ceiling * 1e12)
+        return res
+
+    def ours(batch, name, amp, mode):
+        compile_warm = 5 if mode else 0
+        rec.section("ours", 15 if mode is None else 90, lambda: mfu(our_step_bench(
+            cfg, batch, amp=amp, compile_mode=mode, steps=steps, warm=warm + compile_warm, device=device)),
+            cfg=name, batch=batch)
+
+    def peer(batch, name):
+        amp, cl, comp = next((a, c, k) for n, a, c, k in peers.PEER_CONFIGS if n == name)
+        rec.section("peer", 90 if comp else 20, lambda: mfu(peers.bench_diffusers(
+            batch, amp, cl, comp, steps=steps, warm=warm + (peers.COMPILE_EXTRA_WARM if comp else 0), device=device)),
+            peer="diffusers", cfg=name, batch=batch)
+
+    def match():
+        n, mode = (3, None) if args.quick else (8, "default")
+        ref = our_step_bench(cfg, b_small, amp=False, compile_mode=None, steps=1, warm=n, device=device,
+                             record_losses=True)["losses"]
+        fast = our_step_bench(cfg, b_small, amp=True, compile_mode=mode, steps=1, warm=n, device=device,
+                              record_losses=True)["losses"]
+        return dict(eager_fp32=ref, fast_bf16=fast, max_rel_diff=max(abs(a - b) / abs(a) for a, b in zip(ref, fast)))
+
+    shards = args.shards or str(REPO / "data/demo")
+    loop_mode = "default" if args.quick else "reduce-overhead"
+    if args.quick:
+        ours(b_small, "eager-fp32", False, None)
+        ours(b_small, "eager-bf16", True, None)
+        rec.section("match", 15, match)
+        rec.section("loop", 20, lambda: mfu(loop_bench(REPO / loop_cfg, shards, loop_batch, loop_steps, workers,
+                                                       device)), batch=loop_batch, shards=shards)
+    else:
+        # Most important first: a cut-off run still answers "how do we compare with the best peer?".
+        ro = "bf16+cl+compile(reduce-overhead)"
+        ours(b_small, ro, True, "reduce-overhead")
+        peer(b_small, ro)
+        ours(b_large, ro, True, "reduce-overhead")
+        peer(b_large, ro)
+        rec.section("loop", 150, lambda: mfu(loop_bench(REPO / loop_cfg, shards, loop_batch, loop_steps, workers,
+                                                        device, compile_mode=loop_mode)),
+                    batch=loop_batch, shards=shards, compile_mode=loop_mode)
+        rec.section("match", 90, match)
+        rec.section("profile", 60, lambda: profile_step(cfg, b_large, "reduce-overhead", device, args.out.parent),
+                    batch=b_large)
+        for b in (b_small, b_large):
+            ours(b, "bf16+cl+compile", True, "default")
+            peer(b, "bf16+cl+compile")
+        for b in (b_small, b_large):
+            ours(b, "bf16+cl eager", True, None)
+            peer(b, "bf16")
+            rec.section("peer", 30, lambda: mfu(peers.bench_lucidrains(b, steps=steps, warm=warm, device=device)),
+                        peer="lucidrains", cfg="bf16-autocast", batch=b)
+    rec.log(kind="done", elapsed_s=round(time.perf_counter() - START, 1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
