@@ -4,18 +4,30 @@ Layout (CONTRACT.md):
     RUN_DIR/checkpoints/step-NNNNNNNN/   model.safetensors, ema.safetensors, optimizer.pt,
                                          train_state.json, rank-00000.pt ..., MANIFEST.json (last)
     RUN_DIR/checkpoints/latest           the name of the newest complete checkpoint
+    Under DeepSpeed ZeRO also   deepspeed/state/...  the engine's own checkpoint (fp32 master weights,
+                                         each rank's optimizer partition), written by every rank
 
-A save writes into `.tmp-step-NNNNNNNN/`, every rank adds its own file (RNG and data position),
-rank 0 writes MANIFEST.json (file sizes) and renames the directory into place, then replaces
-`latest`. A kill at any moment leaves either the previous checkpoint or the new one. Loading never
-runs code from a file: weights are safetensors and the rest is `torch.load(weights_only=True)`.
+A save writes into `.tmp-step-NNNNNNNN/`, every rank adds its own file (RNG and data position) and
+fsyncs it, rank 0 writes MANIFEST.json (size and CRC-32 of every file) and renames the directory
+into place, then replaces `latest`, then rotates. A kill at any moment leaves either the previous
+checkpoint or the new one. Loading never runs code from a file: weights are safetensors, the rest
+is JSON or `torch.load(weights_only=True)`, and every rank resumes from the same checkpoint.
+
+Saving is synchronous: the loop waits while the bytes are written, fsynced and checksummed. For the
+35.7M CIFAR-10 model (572 MB with EMA and AdamW) that is about 1.3 s on an H200 host, against 0.6 s to
+write and fsync as many bytes in one go; the CRC-32 read-back is about 0.3 s of it (bench/ckpt_speed.py).
+A background writer would hide that, but needs a snapshot copy first and has to be joined on every
+exit path (end of training, preemption stop, errors) before the process exits or the next save
+starts; at a save every few thousand steps the wait is under 1% of training time.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import pickle
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +38,7 @@ log = logging.getLogger("pipeline.checkpoint")
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
+_CHUNK_BYTES = 16 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -53,7 +66,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text`: readers see the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -63,32 +77,71 @@ def _write_atomic_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def file_crc32(path: Path) -> int:
+    """CRC-32 of a file's bytes (about 4 GB/s: a few tenths of a second for a 35.7M-param run)."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def _state_to_cpu(sd: dict) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared or non-contiguous storage; clone to plain contiguous CPU tensors.
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+    """Plain contiguous CPU tensors for safetensors, copying only where needed.
+
+    CPU tensors are written in place (safetensors 0.8 writes from the tensor's memory); GPU ones
+    cost one device-to-host copy. safetensors refuses tensors that share memory, so the second
+    of two such entries is cloned.
+    """
+    out, seen = {}, set()
+    for k, v in sd.items():
+        v = v.detach().to("cpu").contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel():
+            v = v.clone()
+        seen.add(ptr)
+        out[k] = v
+    return out
+
+
+def _single_process_agree(ok: bool) -> bool:
+    return ok
+
+
+def _single_process_share(obj: Any) -> Any:
+    return obj
 
 
 class Checkpointer:
-    """Saves and finds checkpoints under `run_dir/checkpoints`. Every rank calls `save`."""
+    """Saves and finds checkpoints under `run_dir/checkpoints`. Every rank calls `save`.
+
+    barrier: waits for every rank. agree(ok) -> True when `ok` is True on every rank.
+    share(obj) -> rank 0's `obj`, on every rank. The defaults suit a single process.
+    """
 
     def __init__(self, run_dir: str | Path, keep_last: int, rank: int, world_size: int,
-                 barrier: Callable[[], None]):
+                 barrier: Callable[[], None], agree: Callable[[bool], bool] = _single_process_agree,
+                 share: Callable[[Any], Any] = _single_process_share):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
         self.barrier = barrier
+        self.agree = agree
+        self.share = share
 
     # -- saving ---------------------------------------------------------------------------------
 
     def save(self, step: int, *, weights: dict[str, dict[str, torch.Tensor]], objects: dict[str, Any],
-             train_state: dict, rank_state: dict) -> Path:
+             train_state: dict, rank_state: dict, collective: Callable[[Path], None] | None = None) -> Path:
         """Write one complete checkpoint for `step`.
 
         weights: name -> state dict of tensors, saved as `name.safetensors` by rank 0.
-        objects: name -> picklable state of plain types/tensors (optimizer...), `name.pt` by rank 0.
+        objects: name -> state of plain types/tensors (optimizer...), `name.pt` by rank 0.
         train_state: JSON-able dict (step, images_seen, ...), by rank 0.
         rank_state: this rank's RNG and data position, by every rank.
+        collective(tmp_dir): called by every rank at the same point (e.g. the DeepSpeed engine's
+            sharded save); what it writes under tmp_dir becomes part of the checkpoint and its MANIFEST.
         """
         final = self.dir / step_name(step)
         tmp = self.dir / f".tmp-{step_name(step)}"
@@ -98,39 +151,57 @@ class Checkpointer:
                 shutil.rmtree(tmp)  # left by a save that was killed
             tmp.mkdir()
         self.barrier()
+        # Each writer fsyncs its own files, so that after the barrier they are durable on any
+        # filesystem the ranks share.
         torch.save(rank_state, tmp / rank_file(self.rank))
         _fsync_file(tmp / rank_file(self.rank))
+        if collective is not None:
+            collective(tmp)
         if self.rank == 0:
             for name, sd in weights.items():
                 save_file(_state_to_cpu(sd), tmp / f"{name}.safetensors")
+                _fsync_file(tmp / f"{name}.safetensors")
             for name, obj in objects.items():
                 torch.save(obj, tmp / f"{name}.pt")
-            (tmp / "train_state.json").write_text(json.dumps(train_state, indent=1))
+                _fsync_file(tmp / f"{name}.pt")
+            write_text_atomic(tmp / "train_state.json", json.dumps(train_state, indent=1))
         self.barrier()
         if self.rank == 0:
-            files = sorted(p for p in tmp.iterdir() if p.is_file())
-            for p in files:
-                _fsync_file(p)
+            # Subdirectories too (a DeepSpeed engine's files), named by their path inside the checkpoint.
+            files = sorted(p for p in tmp.rglob("*") if p.is_file() and not p.name.startswith("."))
             manifest = {"step": step, "world_size": self.world_size,
-                        "files": {p.name: p.stat().st_size for p in files}}
-            _write_atomic_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-            if final.exists():  # the same step saved again (e.g. a final save after a resume)
+                        "files": {p.relative_to(tmp).as_posix(): p.stat().st_size for p in files},
+                        "crc32": {p.relative_to(tmp).as_posix(): file_crc32(p) for p in files}}
+            write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            if final.exists():  # the same step saved again (after resuming from an older one)
                 old = self.dir / f".old-{step_name(step)}"
                 shutil.rmtree(old, ignore_errors=True)
-                os.rename(final, old)
-                shutil.rmtree(old)
+                os.rename(final, old)  # deleted by _rotate, after the new one is in place
             os.rename(tmp, final)
             _fsync_dir(self.dir)
-            _write_atomic_text(self.dir / LATEST, final.name + "\n")
-            self._rotate(keep=final.name)
+            write_text_atomic(self.dir / LATEST, final.name + "\n")
+            self._rotate(saved=final)
         self.barrier()
         return final
 
-    def _rotate(self, keep: str) -> None:
-        complete = [p for p in self.complete_checkpoints() if p.name != keep]
-        for old in complete[: max(0, len(complete) - (self.keep_last - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.dir.glob(".tmp-*"):
+    def _rotate(self, saved: Path) -> None:
+        """Keep `saved` and the newest keep_last - 1 complete checkpoints before it; delete the
+        other checkpoints before it and whatever killed saves left behind.
+
+        Checkpoints after `saved` (left by a run that resumed from an older one) stay: this run
+        replaces each when it gets there.
+        """
+        older = [p for p in self.all_checkpoints() if p.name < saved.name]
+        complete = [p for p in older if verify(p) is None]
+        keep = set(complete[max(0, len(complete) - (self.keep_last - 1)):])
+        for p in older:
+            if p not in keep:
+                # Renamed first, so a kill while deleting leaves a hidden directory, never a
+                # half-deleted checkpoint that looks like one.
+                trash = self.dir / f".old-{p.name}"
+                shutil.rmtree(trash, ignore_errors=True)
+                os.rename(p, trash)
+        for stale in [*self.dir.glob(".tmp-*"), *self.dir.glob(".old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
 
     # -- finding and loading --------------------------------------------------------------------
@@ -156,14 +227,19 @@ class Checkpointer:
         return found
 
 
-def verify(ckpt: Path) -> str | None:
-    """None if the checkpoint directory is complete, else why not (one line)."""
+def verify(ckpt: Path, content: bool = False) -> str | None:
+    """None if the checkpoint directory is complete, else why not (one line).
+
+    Sizes are always checked (a killed or truncated write); `content=True` also checks every
+    file's CRC-32 (a file corrupted in place), which reads the whole checkpoint.
+    """
     manifest = ckpt / MANIFEST
     if not manifest.is_file():
         return "no MANIFEST.json (the save did not finish)"
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as e:
+        manifest = json.loads(manifest.read_text())
+        files, crcs = manifest["files"], manifest.get("crc32", {})
+    except (ValueError, KeyError, TypeError) as e:
         return f"unreadable MANIFEST.json ({e})"
     for name, size in files.items():
         p = ckpt / name
@@ -171,6 +247,10 @@ def verify(ckpt: Path) -> str | None:
             return f"missing file {name}"
         if p.stat().st_size != size:
             return f"{name} has {p.stat().st_size} bytes, expected {size} (truncated?)"
+    if content:
+        for name, crc in crcs.items():
+            if file_crc32(ckpt / name) != crc:
+                return f"{name} is corrupted (CRC-32 differs from MANIFEST.json)"
     return None
 
 
@@ -180,7 +260,21 @@ def read_weights(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
 
 def read_object(ckpt: Path, name: str) -> Any:
     # weights_only=True: a checkpoint can carry tensors and plain containers, never code.
-    return torch.load(ckpt / name, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(ckpt / name, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        raise CheckpointError(f"{name} was refused: it holds more than tensors and plain data, and loading it "
+                              f"could run code ({detail[0] if detail else 'not a weights-only pickle'})") from None
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under `path` and the directories themselves (for files a library wrote)."""
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            _fsync_file(p)
+    for d in sorted({p.parent for p in path.rglob("*")} | {path}):
+        _fsync_dir(d)
 
 
 def read_train_state(ckpt: Path) -> dict:
@@ -190,19 +284,26 @@ def read_train_state(ckpt: Path) -> dict:
 def newest_loadable(checkpointer: Checkpointer, load: Callable[[Path], None]) -> Path | None:
     """Call `load(ckpt)` on the best candidate that verifies and loads; fall back to older ones.
 
-    Returns None when there are no checkpoints at all; raises CheckpointError when some exist
-    but none loads (never a silent start from scratch).
+    Rank 0's list of candidates is used by every rank, and a candidate counts only if it loaded
+    on every rank, so all ranks resume from the same checkpoint even when a failure is local to
+    one of them. Returns None when there are no checkpoints at all; raises CheckpointError when
+    some exist but none loads (never a silent start from scratch).
     """
+    names = checkpointer.share([p.name for p in checkpointer.candidates()])
     tried = []
-    for ckpt in checkpointer.candidates():
-        problem = verify(ckpt)
+    for i, name in enumerate(names):
+        ckpt = checkpointer.dir / name
+        problem = verify(ckpt, content=True)
         if problem is None:
             try:
                 load(ckpt)
-                return ckpt
             except Exception as e:  # noqa: BLE001 - any failure means "try the previous one"
-                problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        log.warning("checkpoint %s is not usable: %s; trying an older one", ckpt, problem)
+                problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        if checkpointer.agree(problem is None):
+            return ckpt
+        problem = problem or "it did not load on another rank"
+        log.warning("rank %d: checkpoint %s is not usable: %s%s", checkpointer.rank, ckpt, problem,
+                    "; trying an older one" if i + 1 < len(names) else "")
         tried.append(f"{ckpt.name} ({problem})")
     if tried:
         raise CheckpointError(f"{checkpointer.dir}: checkpoints exist but none can be loaded: "

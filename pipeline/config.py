@@ -18,6 +18,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .preempt import parse_signal
+
 
 class ConfigError(ValueError):
     """A user error in the config: the message is one line and names the key."""
@@ -35,6 +37,11 @@ class DataConfig:
     """DataLoader worker processes per rank (0 decodes in the training process)."""
     random_flip: bool = True
     """Random horizontal flip of each sample, applied on the device."""
+    max_bad_fraction: float = 0.05
+    """Stop with an error once more than this fraction of the samples dealt to a rank were skipped
+    (undecodable, no image, or in a shard that failed to read; judged against at least one epoch's
+    share, so one bad shard early on is not over-weighted). Also checked at start-up against the
+    shards that cannot be read at all. 1 never stops; 0 stops at the first bad sample."""
 
 
 @dataclass
@@ -101,8 +108,18 @@ class TrainConfig:
     """Seed of everything: weights, data order, timesteps, noise and flips."""
     compile: str = "auto"
     """`auto` (torch.compile on CUDA, eager on CPU), `yes` or `no` (the eager fallback)."""
-    compile_mode: str = "default"
-    """torch.compile mode when compiling: `default`, `reduce-overhead` (CUDA graphs) or `max-autotune`."""
+    compile_mode: str = "auto"
+    """torch.compile mode: `auto` (reduce-overhead, i.e. CUDA graphs, on one process; default with
+    several), `default`, `reduce-overhead`, `max-autotune` or `max-autotune-no-cudagraphs`."""
+    stop_signal: str = "SIGUSR1"
+    """Signal that asks for a checkpoint and a clean stop with exit status 75, e.g. SLURM's pre-timeout
+    `--signal=B:USR1@300` (launch/multinode.sh forwards it). SIGTERM always does the same."""
+    deepspeed: str = ""
+    """DeepSpeed JSON (e.g. configs/deepspeed/zero2.json) to train with ZeRO stage 1 or 2 through Accelerate;
+    empty: plain DDP. Its batch, precision and clipping keys must be "auto" or agree with this config."""
+    stop_check_steps: int = 10
+    """With several processes, ranks agree on a stop request every this many steps (one all-reduce and
+    host sync each), so a stop lands up to this many steps after the signal. One process checks every step."""
 
 
 @dataclass
@@ -305,6 +322,7 @@ def validate(cfg: Config) -> None:
     _check(d.channels in (1, 3), "data.channels", f"must be 1 or 3, got {d.channels}")
     _check(d.image_size >= 4, "data.image_size", f"must be at least 4, got {d.image_size}")
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
     _check(m.channels > 0, "model.channels", f"must be > 0, got {m.channels}")
     _check(len(m.channel_mult) > 0 and all(x > 0 for x in m.channel_mult), "model.channel_mult",
            f"must be a non-empty list of positive ints, got {m.channel_mult}")
@@ -336,9 +354,14 @@ def validate(cfg: Config) -> None:
     _check(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision",
            f"must be 'no', 'bf16' or 'fp16', got '{t.mixed_precision}'")
     _check(t.compile in ("auto", "yes", "no"), "train.compile", f"must be 'auto', 'yes' or 'no', got '{t.compile}'")
-    _check(t.compile_mode in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    _check(t.compile_mode in ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
            "train.compile_mode", f"must be a torch.compile mode (default, reduce-overhead, max-autotune), "
            f"got '{t.compile_mode}'")
+    _check(t.stop_check_steps >= 1, "train.stop_check_steps", f"must be >= 1, got {t.stop_check_steps}")
+    try:
+        parse_signal(t.stop_signal)
+    except ValueError as e:
+        raise ConfigError(f"train.stop_signal: {e}") from None
     _check(cfg.ckpt.every_steps >= 1, "ckpt.every_steps", f"must be >= 1, got {cfg.ckpt.every_steps}")
     _check(cfg.ckpt.keep_last >= 1, "ckpt.keep_last", f"must be >= 1, got {cfg.ckpt.keep_last}")
     _check(cfg.log.every_steps >= 1, "log.every_steps", f"must be >= 1, got {cfg.log.every_steps}")

@@ -1,53 +1,51 @@
-"""The training data stream: tar shards -> (rank, worker) split -> decode -> uint8 batches.
+"""The training data stream: tar shards -> (rank, worker) streams -> decode -> uint8 batches.
 
-Order (all of it derived from (seed, epoch, shard), never from wall clock or a global RNG):
+Order (`pipeline.deal`): every epoch is a fresh seeded permutation of the shards and of each
+shard's samples; each of the ``world_size * num_workers`` streams reads an equal share of the
+epoch's samples (shards are cut between streams where needed), so every sample reaches exactly
+one stream per epoch and the streams stay in step. Streams are endless and batch inside the
+worker (a batch may straddle an epoch end): no rank ever waits for another at an epoch end.
+The deal needs each shard's sample count (`pipeline.shardlist`: from an index JSON, or one scan
+of the tar headers at start-up). Shards are read by `pipeline.tario`, as WebDataset reads them.
 
-- Epoch ``e`` visits the shards in the order ``default_rng((seed, e)).permutation(n_shards)``.
-- There are ``S = world_size * num_workers`` streams; stream ``s = rank * num_workers + worker``
-  reads ``order[s::S]``. With fewer shards than streams, the streams sharing a shard each take
-  every k-th sample of it, so an epoch still sees every sample exactly once.
-- A shard is read whole into memory (raw bytes; shards are small) and its samples are visited in
-  the order ``default_rng((seed, e, shard)).permutation(n_samples)``; images are decoded as visited.
-- Each stream runs through epochs forever and batches inside the worker (a batch may straddle an
-  epoch end), so no rank waits for another; the training loop counts steps.
+Position: each stream's state (`ShardStream.state_dict`) is its epoch and the number of positions
+of its share it has passed; `StatefulDataLoader` snapshots it in each worker as each batch is
+handed out. Loaded into a loader with the same world size and workers it continues with exactly
+the next batch; with another world size or worker count, every saved rank's state is merged into
+a world-size-independent table (epoch -> positions read) and the unread rest of the epoch is
+re-dealt to the new streams. Resuming re-reads at most the unfinished shards and decodes nothing
+it skips.
 
-Position, per stream (`ShardStream.state_dict`): ``epoch``, ``shard_pos`` (index into the epoch's
-shard list of this stream), ``sample_pos`` (samples of that shard consumed, skipped ones included),
-plus counters. ``StatefulDataLoader`` snapshots it in each worker as each batch is handed out, so
-`BatchLoader.state_dict()` after k batches, loaded into a fresh loader with the same world size
-and workers, continues with batch k+1 exactly; resuming re-reads at most one shard per stream and
-decodes nothing it skips.
-
-Bad data: a sample without an image or with an undecodable one is skipped (counter
-``skipped_samples``); a shard that cannot be read (missing, truncated, not a tar) is skipped whole
-(counter ``failed_shards``, one per failed read: a bad shard counts again each epoch); each
-occurrence is logged on ``pipeline.data``. A stream that gets no sample in a whole epoch raises
-`DataError` rather than spinning. `BatchLoader.stats()` sums the counters of a rank's workers;
-they also travel in `state_dict()`, so they survive a resume.
+Bad data costs a counter, not the run: a sample whose image is missing or undecodable is skipped,
+a shard that cannot be read (missing, truncated, not a tar, empty, download failed) is skipped from
+the point of damage on. Each is logged on ``pipeline.data`` naming shard and reason; counters
+(`BatchLoader.stats`): ``skipped_samples`` (dealt samples not trained on, including those of failed
+shards), ``failed_shards`` (failed shard reads, so a bad shard counts again each epoch it is
+read, plus shards left out at start-up because they hold no sample). When more than
+``max_bad_fraction`` of the samples dealt to a rank were skipped, the rank stops with a `DataError`
+naming the worst shards (the denominator is at least the rank's share of one epoch, so a bad shard
+early on is judged against the whole epoch).
 """
 
 from __future__ import annotations
 
-import glob
 import io
 import logging
-import os
-import subprocess
-import tarfile
+import re
 import traceback
-import urllib.request
 import warnings
 import zlib
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.shards import IMAGE_EXTS, resize_center_crop, split_key
+from pipeline import deal
+from pipeline.shardlist import DataError, load_shard_counts, resolve_urls  # noqa: F401 (API)
+from pipeline.shards import resize_center_crop
+from pipeline.tario import read_shard
 
 try:
     import simplejpeg
@@ -56,234 +54,176 @@ except ImportError:  # optional: PIL decodes JPEG too, about 7x slower
 
 log = logging.getLogger("pipeline.data")
 
-_REMOTE = ("http://", "https://", "pipe:")
-_STATE_KIND = "pipeline.data.ShardStream/v1"
-_COUNTERS = ("skipped_samples", "failed_shards")
-
-
-class DataError(Exception):
-    """A user-facing data problem (missing shards, no readable samples); one line, names the shard."""
-
-
-# ----------------------------------------------------------------------------- shard lists
-
-def resolve_urls(urls: str | os.PathLike | list) -> list[str]:
-    """Expand `urls` into a list of shards.
-
-    Accepts a brace pattern (``d/x-{000000..000009}.tar``), a glob, a directory (its ``*.tar``,
-    sorted), or a list of those. Local files must exist; ``http(s)://`` and ``pipe:`` urls are
-    only brace-expanded. Duplicates are dropped (first one kept).
-    """
-    patterns = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
-    if not patterns:
-        raise DataError("data.urls is empty: give a brace pattern, a glob, a list or a directory")
-    out: list[str] = []
-    for pattern in map(str, patterns):
-        if pattern.startswith(_REMOTE):
-            out.extend(braceexpand(pattern))
-            continue
-        if os.path.isdir(pattern):
-            found = sorted(str(p) for p in Path(pattern).glob("*.tar"))
-            if not found:
-                raise DataError(f"data.urls: directory {pattern!r} holds no *.tar shards")
-            out.extend(found)
-            continue
-        for path in braceexpand(os.path.expanduser(pattern)):
-            if glob.has_magic(path):
-                found = sorted(glob.glob(path))
-                if not found:
-                    raise DataError(f"data.urls: no shard matches {pattern!r}")
-                out.extend(found)
-            elif os.path.isfile(path):
-                out.append(path)
-            else:
-                where = "" if path == pattern else f" (from {pattern!r})"
-                raise DataError(f"data.urls: shard {path!r}{where} does not exist")
-    return list(dict.fromkeys(out))
-
-
-def _open(url: str):
-    if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)
-        return proc.stdout, proc
-    if url.startswith(("http://", "https://")):
-        return urllib.request.urlopen(url, timeout=120), None
-    return open(url, "rb"), None
-
-
-def read_shard(url: str) -> list[tuple[str, dict[str, bytes]]]:
-    """All samples of a shard as (key, {extension: bytes}), grouping consecutive members by key
-    as WebDataset does. Raises OSError/tarfile.TarError/... when the shard is unreadable."""
-    f, proc = _open(url)
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    try:
-        with tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_key(member.name)
-                if key is None:
-                    continue
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"truncated tar: member {member.name!r} is short")
-                if not samples or samples[-1][0] != key:
-                    samples.append((key, {}))
-                samples[-1][1][ext] = data
-            # tarfile ends quietly at a cut header; a complete tar ends with a zero block
-            if tar.fileobj.tell() != tar.offset + tarfile.BLOCKSIZE:
-                raise tarfile.ReadError(f"truncated tar: no end-of-archive block after byte "
-                                        f"{tar.offset}")
-    finally:
-        f.close()
-        if proc is not None and proc.wait() != 0:
-            raise OSError(f"command exited with status {proc.returncode}")
-    return samples
+_STATE_KIND = "pipeline.data.ShardStream/v2"
+_LOADER_VERSION = 2
+_COUNTERS = ("dealt", "skipped_samples", "failed_shards")
+_WORST_KEPT = 16  # per stream, the shards with the most skipped samples, for the error message
+_LOGGED_PER_SHARD = 3  # bad samples logged one by one per shard read; the rest in one summary
+_OBJECT_REPR = re.compile(r" ?<[\w.]+ object at 0x[0-9a-f]+>")
 
 
 # ----------------------------------------------------------------------------- decoding
 
 def decode_image(data: bytes, ext: str, size: int, channels: int) -> np.ndarray:
-    """Image bytes -> uint8 array (channels, size, size): converted to L or RGB (alpha dropped),
-    shorter side scaled to `size` and centre-cropped."""
-    arr = None
+    """Image bytes -> uint8 array (size, size, channels): converted to L or RGB (alpha dropped),
+    shorter side scaled to `size` and centre-cropped. JPEGs already at that size (the common
+    case) go straight from libjpeg-turbo into the array."""
     if ext in ("jpg", "jpeg") and simplejpeg is not None:
-        try:  # libjpeg-turbo; may scale down by 1/2..1/8 in the DCT while staying >= size
+        try:  # may scale down by 1/2..1/8 inside the DCT while staying >= size
             arr = simplejpeg.decode_jpeg(data, colorspace="RGB" if channels == 3 else "GRAY",
                                          min_height=size, min_width=size)
         except ValueError:
-            arr = None  # e.g. CMYK or progressive quirks: let PIL try (and raise if corrupt)
-    if arr is None:
-        img = Image.open(io.BytesIO(data))
-        img = img.convert("RGB" if channels == 3 else "L")
-    elif arr.shape[0] != size or arr.shape[1] != size:
-        img = Image.fromarray(arr[:, :, 0] if channels == 1 else arr)
-    else:
-        img = None
-    if img is not None:
-        arr = np.asarray(resize_center_crop(img, size))
-    arr = arr.reshape(size, size, channels)  # (H, W, C)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))  # (C, H, W)
+            arr = None  # e.g. CMYK: let PIL try (and raise if the data is corrupt)
+        if arr is not None:
+            if arr.shape[0] == size and arr.shape[1] == size:
+                return arr
+            img = Image.fromarray(arr[:, :, 0] if channels == 1 else arr)
+            return np.asarray(resize_center_crop(img, size)).reshape(size, size, channels)
+    img = Image.open(io.BytesIO(data)).convert("RGB" if channels == 3 else "L")
+    return np.asarray(resize_center_crop(img, size)).reshape(size, size, channels)
 
 
 # ----------------------------------------------------------------------------- the stream
 
 class ShardStream(IterableDataset):
-    """One rank's endless stream of uint8 batches (B, C, H, W); each DataLoader worker is one
-    stream. Implements `state_dict`/`load_state_dict` (called inside the worker by
-    `StatefulDataLoader`). `samples(stream, num_streams)` is the per-sample stream underneath."""
+    """The endless stream of uint8 batches (B, C, H, W) of one (rank, worker); implements
+    `state_dict`/`load_state_dict`, which `StatefulDataLoader` calls inside the worker."""
 
-    def __init__(self, urls: list[str], *, image_size: int, channels: int, batch_size: int,
-                 seed: int, rank: int = 0, world_size: int = 1):
-        self.urls = list(urls)
+    def __init__(self, urls: list[str], counts: np.ndarray, *, image_size: int, channels: int,
+                 batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.urls, self.counts = list(urls), np.asarray(counts, dtype=np.int64)
+        self.total = int(self.counts.sum())
         self.image_size, self.channels, self.batch_size = image_size, channels, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self._state: dict[str, Any] = {"epoch": 0, "shard_pos": 0, "sample_pos": 0,
-                                       "epoch_samples": 0, **{c: 0 for c in _COUNTERS}}
-        self._layout: tuple[int, int] | None = None  # (stream, num_streams) of a loaded state
+        self.start_states: dict[int, dict] = {}  # stream -> where it starts when nothing is loaded
+        self._state: dict[str, Any] | None = None
 
-    # -- order
+    def fresh_state(self, stream: int, num_streams: int, epoch: int = 0,
+                    read: dict | None = None) -> dict[str, Any]:
+        return {"__kind__": _STATE_KIND, "stream": stream, "num_streams": num_streams,
+                "epoch": epoch, "pos": 0, "epoch_good": 0, "read": read or {},
+                "bad_shards": {}, **dict.fromkeys(_COUNTERS, 0)}
 
-    def shard_plan(self, epoch: int, stream: int, num_streams: int) -> list[tuple[int, int, int]]:
-        """The shards `stream` reads in `epoch`, in order, as (shard index, part, parts):
-        the stream takes the samples at positions part, part + parts, ... of the shard."""
-        n = len(self.urls)
-        order = np.random.default_rng((self.seed, epoch)).permutation(n)
-        if n >= num_streams:
-            return [(int(i), 0, 1) for i in order[stream::num_streams]]
-        j = stream % n  # fewer shards than streams: share shard order[j] with its other readers
-        return [(int(order[j]), stream // n, len(range(j, num_streams, n)))]
-
-    def samples(self, stream: int, num_streams: int) -> Iterator[tuple[int, str, str, np.ndarray]]:
-        """Endless (epoch, shard url, key, image (C, H, W) uint8) of one stream; continues from
-        and advances the position in `state_dict()`."""
-        st = self._state
-        while True:
-            plan = self.shard_plan(st["epoch"], stream, num_streams)
-            while st["shard_pos"] < len(plan):
-                shard, part, parts = plan[st["shard_pos"]]
-                url = self.urls[shard]
-                records = self._read(url)
-                perm = np.random.default_rng((self.seed, st["epoch"], shard)).permutation(
-                    len(records))[part::parts]
-                while st["sample_pos"] < len(perm):
-                    key, members = records[perm[st["sample_pos"]]]
-                    st["sample_pos"] += 1
-                    image = self._decode(url, key, members)
-                    if image is not None:
-                        st["epoch_samples"] += 1
-                        yield st["epoch"], url, key, image
-                st["shard_pos"] += 1
-                st["sample_pos"] = 0
-            if st["epoch_samples"] == 0:
-                names = ", ".join(repr(self.urls[s]) for s, _, _ in plan[:3])
-                more = f" and {len(plan) - 3} more" if len(plan) > 3 else ""
-                why = "see the log for why"
-                if plan and plan[0][2] > 1:
-                    why = (f"{len(self.urls)} shards shared by {num_streams} streams: "
-                           "make more shards or use fewer workers")
-                raise DataError(f"epoch {st['epoch']}: no readable sample in shards {names}{more} "
-                                f"(stream {stream} of {num_streams}; {why})")
-            st["epoch"] += 1
-            st["shard_pos"] = st["epoch_samples"] = 0
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def _current(self) -> dict[str, Any]:
         stream, num_streams = self._stream()
-        if self._layout is not None and self._layout != (stream, num_streams):
-            raise DataError(f"cannot resume the data position: it was saved by stream "
-                            f"{self._layout[0]} of {self._layout[1]}, this is stream {stream} of "
-                            f"{num_streams} (keep world size and data.num_workers when resuming)")
-        images = []
-        for _, _, _, image in self.samples(stream, num_streams):
-            images.append(image)
-            if len(images) == self.batch_size:
-                batch = torch.from_numpy(np.stack(images))  # (B, C, H, W) uint8
-                images = []
-                yield batch
+        if self._state is None:
+            start = self.start_states.get(stream)
+            self._state = _copy(start) if start else self.fresh_state(stream, num_streams)
+        if (self._state["stream"], self._state["num_streams"]) != (stream, num_streams):
+            raise DataError(f"data position of stream {self._state['stream']} of "
+                            f"{self._state['num_streams']} loaded into stream {stream} of {num_streams}")
+        return self._state
 
     def _stream(self) -> tuple[int, int]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         return self.rank * num_workers + worker, self.world_size * num_workers
 
-    def _read(self, url: str) -> list[tuple[str, dict[str, bytes]]]:
-        try:
-            return read_shard(url)
-        except (OSError, EOFError, tarfile.TarError, zlib.error, ValueError) as e:
-            self._state["failed_shards"] += 1
-            log.warning("shard %r: unreadable (%s: %s); skipped (%d shard reads failed so far)",
-                        url, type(e).__name__, e, self._state["failed_shards"])
-            return []
-
-    def _decode(self, url: str, key: str, members: dict[str, bytes]) -> np.ndarray | None:
-        ext = next((e for e in IMAGE_EXTS if e in members), None)
-        why = f"no image member (has {sorted(members)})"
-        if ext is not None:
-            try:
-                return decode_image(members[ext], ext, self.image_size, self.channels)
-            except Exception as e:  # any decoder failure costs a counter, not the run
-                why = f"cannot decode .{ext} ({type(e).__name__}: {e})"
-        self._state["skipped_samples"] += 1
-        log.warning("shard %r, sample %r: %s; skipped (%d samples skipped so far)",
-                    url, key, why, self._state["skipped_samples"])
-        return None
-
-    # -- resume
-
     def state_dict(self) -> dict[str, Any]:
-        stream, num_streams = self._stream()
-        return {"__kind__": _STATE_KIND, "seed": self.seed, "num_shards": len(self.urls),
-                "stream": stream, "num_streams": num_streams, **self._state}
+        return _copy(self._current())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("__kind__") != _STATE_KIND:
             raise DataError(f"not a data position saved by this version ({state.get('__kind__')!r})")
-        if state["num_shards"] != len(self.urls) or state["seed"] != self.seed:
-            raise DataError(f"cannot resume the data position: it was saved for "
-                            f"{state['num_shards']} shards and seed {state['seed']}, now "
-                            f"{len(self.urls)} shards and seed {self.seed}")
-        self._layout = (state["stream"], state["num_streams"])
-        self._state.update({k: int(state[k]) for k in self._state})
+        self._state = _copy(state)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self._batches(self._current())
+
+    def plan(self, epoch: int, stream: int, num_streams: int,
+             read: deal.Intervals = ()) -> list[tuple[int, int, int]]:
+        """The share of `stream` in `epoch` as (shard, first position, end position) pieces."""
+        share = deal.stream_plan(stream, num_streams, self.total, read)
+        return list(deal.segments(share, deal.shard_order(self.seed, epoch, len(self.urls)),
+                                  self.counts))
+
+    def _batches(self, st: dict[str, Any]) -> Iterator[torch.Tensor]:
+        size, channels = self.image_size, self.channels
+        out = np.empty((self.batch_size, size, size, channels), dtype=np.uint8)  # (B, H, W, C)
+        n = 0
+        while True:
+            epoch = st["epoch"]
+            pieces = self.plan(epoch, st["stream"], st["num_streams"], st["read"].get(str(epoch), ()))
+            passed = 0
+            for shard, first, end in pieces:
+                passed += end - first
+                if passed <= st["pos"]:
+                    continue
+                first = max(first, end - (passed - st["pos"]))  # resuming inside: skip, no decode
+                url = self.urls[shard]
+                data = read_shard(url)
+                samples = data.samples
+                lost_why = None
+                if data.problem or len(samples) < self.counts[shard]:
+                    lost_why = self._shard_failed(st, shard, data, first, end, epoch)
+                elif len(samples) > self.counts[shard]:
+                    log.warning("shard %r holds %d samples, its count says %d: the extra ones are "
+                                "not used (is its index JSON stale?)", url, len(samples),
+                                self.counts[shard])
+                bad = 0
+                for index in deal.sample_order(self.seed, epoch, shard,
+                                               int(self.counts[shard]))[first:end].tolist():
+                    st["pos"] += 1
+                    st["dealt"] += 1
+                    if index >= len(samples):  # lost with the shard's damaged part (logged)
+                        self._skipped(st, shard, 1, lost_why)
+                        continue
+                    key, ext, offset, length, fields = samples[index]
+                    if ext is None:
+                        why = f"no image member (has {', '.join(fields)})"
+                    else:
+                        try:
+                            out[n] = decode_image(data.data[offset:offset + length], ext, size,
+                                                  channels)
+                        except Exception as e:  # any decoder failure costs a counter, not the run
+                            said = _OBJECT_REPR.sub("", str(e))  # PIL names its BytesIO: noise
+                            why = f"cannot decode .{ext} ({type(e).__name__}: {said})"
+                        else:
+                            n += 1
+                            st["epoch_good"] += 1
+                            if n == self.batch_size:
+                                # (B, C, H, W) in channels-last memory order: no copy here,
+                                # and the layout convolutions on a GPU prefer
+                                yield torch.from_numpy(out).permute(0, 3, 1, 2)
+                                out = np.empty_like(out)
+                                n = 0
+                            continue
+                    bad += 1
+                    self._skipped(st, shard, 1, why)
+                    if bad <= _LOGGED_PER_SHARD:
+                        log.warning("shard %r, sample %r: %s; skipped (%d samples skipped so far)",
+                                    url, key, why, st["skipped_samples"])
+                if bad > _LOGGED_PER_SHARD:
+                    log.warning("shard %r: %d more samples skipped in this read (%d so far)", url,
+                                bad - _LOGGED_PER_SHARD, st["skipped_samples"])
+                data.close()
+            if pieces and st["epoch_good"] == 0:
+                names = ", ".join(repr(self.urls[s]) for s, _, _ in pieces[:3])
+                more = f" and {len(pieces) - 3} more" if len(pieces) > 3 else ""
+                raise DataError(f"epoch {epoch}: no readable sample in shards {names}{more} "
+                                f"(stream {st['stream']} of {st['num_streams']}; see the log for why)")
+            st["epoch"], st["pos"], st["epoch_good"] = epoch + 1, 0, 0
+            st["read"] = {e: v for e, v in st["read"].items() if int(e) > epoch}
+
+    def _skipped(self, st: dict, shard: int, n: int, why: str) -> None:
+        st["skipped_samples"] += n
+        worst = st["bad_shards"]
+        key = str(shard)
+        if key not in worst and len(worst) >= _WORST_KEPT:
+            del worst[min(worst, key=lambda k: worst[k][0])]
+        worst[key] = [worst.get(key, [0])[0] + n, why]
+
+    def _shard_failed(self, st: dict, shard: int, data, first: int, end: int, epoch: int) -> str:
+        """Count and log a shard read that fell short; returns why, for its lost samples (each
+        counted as skipped when its position is passed, so a resume does not count it twice)."""
+        have, expected = len(data.samples), int(self.counts[shard])
+        order = deal.sample_order(self.seed, epoch, shard, expected)[first:end]
+        why = data.problem or f"holds {have} samples, its count says {expected}"
+        st["failed_shards"] += 1
+        log.warning("shard %r: %s; %d of its %d samples readable, %d dealt here lost "
+                    "(%d shard reads failed so far)", data.url, why, have, expected,
+                    int((order >= have).sum()), st["failed_shards"])
+        return why
 
 
 # ----------------------------------------------------------------------------- the loader
@@ -291,30 +231,40 @@ class ShardStream(IterableDataset):
 class BatchLoader:
     """Endless iterator of uint8 CPU batches (micro_batch_size, channels, H, W) for one rank.
 
-    `state_dict()` -> ``{"version": 1, "rank", "world_size", "num_workers", "loader":
-    <StatefulDataLoader state>}`` (plain ints/strings/dicts) holds every worker's `ShardStream`
-    position; `load_state_dict(d)` (before the next `next()`) makes the
-    following batches those an uninterrupted loader would have given. `stats()` ->
-    ``{"skipped_samples": int, "failed_shards": int}`` summed over this rank's workers, as of the
-    last batch handed out.
+    `state_dict()` is plain data (ints, strings, lists, dicts) holding every worker's position.
+    `load_state_dict(state)` before the next `next()`: this rank's own saved state (same world
+    size and workers: the following batches are exactly those the saved run would have got), or
+    the list of every saved rank's state (any world size and workers; see the module docstring).
+    `stats()` -> counters summed over this rank's workers as of the last batch handed out.
     """
 
-    def __init__(self, dataset: ShardStream, *, num_workers: int, pin_memory: bool):
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
+    def __init__(self, dataset: ShardStream, *, num_workers: int, pin_memory: bool,
+                 max_bad_fraction: float, failed_at_start: int = 0):
         self.dataset = dataset
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.max_bad_fraction, self.failed_at_start = max_bad_fraction, failed_at_start
         self._layout = {"rank": dataset.rank, "world_size": dataset.world_size,
                         "num_workers": num_workers}
+        self._data_id = {"seed": dataset.seed, "num_shards": len(dataset.urls),
+                         "total_samples": dataset.total,
+                         "counts_crc32": zlib.crc32(dataset.counts.tobytes())}
+        self._start = {"epoch": 0, "read": {}}  # where this layout started (for idle workers)
+        self._rank_share = dataset.total / dataset.world_size  # samples per epoch for this rank
+        self._loader = self._make_loader()
+        self._it = None
+        self._error: str | None = None  # set once the stream has failed for good
+
+    def _make_loader(self):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
         # The loader draws its workers' base seed from `generator`: a private one, so that
         # starting (or restarting) the workers never shifts the global torch RNG.
-        seed = np.random.SeedSequence((dataset.seed, dataset.rank)).generate_state(1)[0]
+        seed = np.random.SeedSequence((self.dataset.seed, self.dataset.rank)).generate_state(1)[0]
         generator = torch.Generator().manual_seed(int(seed))
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch API deprecated in 2.13
             warnings.filterwarnings("ignore", message=".*set_vital.* is deprecated")
-            self._loader = StatefulDataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                              pin_memory=pin_memory, generator=generator)
-        self._it = None
-        self._error: str | None = None  # set once the stream has failed for good
+            return StatefulDataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                      pin_memory=self.pin_memory, generator=generator)
 
     def __iter__(self) -> "BatchLoader":
         return self
@@ -325,42 +275,135 @@ class BatchLoader:
         if self._it is None:
             self._it = iter(self._loader)
         try:
-            return next(self._it)
+            batch = next(self._it)
+            message = self._too_much_bad_data()
         except DataError as e:  # from a worker: keep the one-line message, drop the traceback
             message = str(e).rsplit("DataError: ", 1)[-1].strip()
             # torch's re-raise leaves a reference cycle through these frames; left to the
             # garbage collector, the workers' shutdown waits out a 5 s join timeout
             traceback.clear_frames(e.__traceback__)
+        if message is None:
+            return batch
         # The stream cannot go on: stop the workers now (dropping the loader's iterator does).
         self._error = message
         self._it = None
         self._loader.load_state_dict({})
         raise DataError(message)
 
+    def _too_much_bad_data(self) -> str | None:
+        states = list(_stream_states(self._loader.state_dict()))
+        skipped = sum(s["skipped_samples"] for s in states)
+        judged = max(sum(s["dealt"] for s in states), self._rank_share)
+        if skipped <= self.max_bad_fraction * judged:
+            return None
+        worst: dict[str, list] = {}
+        for s in states:
+            for shard, (n, why) in s["bad_shards"].items():
+                worst[shard] = [worst.get(shard, [0])[0] + n, why]
+        top = sorted(worst.items(), key=lambda kv: -kv[1][0])[:3]
+        names = "; ".join(f"{self.dataset.urls[int(k)]!r}: {n} ({why})" for k, (n, why) in top)
+        return (f"too much bad data: {skipped} of the {int(judged)} samples dealt to rank "
+                f"{self.dataset.rank} were skipped ({skipped / judged:.1%} > data.max_bad_fraction="
+                f"{self.max_bad_fraction}); worst shards: {names}")
+
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, **self._layout, "loader": self._loader.state_dict()}
+        return {"version": _LOADER_VERSION, **self._layout, **self._data_id, "start": self._start,
+                "loader": self._loader.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != 1:
-            raise DataError(f"unknown data loader state version {state.get('version')!r}")
-        saved = {k: state.get(k) for k in self._layout}
-        if saved != self._layout:
-            raise DataError(f"cannot resume the data position: it was saved with {saved}, this "
-                            f"loader has {self._layout} (keep world size and data.num_workers)")
-        self._it = self._error = None  # the loader drops its iterator (and workers) too
-        self._loader.load_state_dict(state["loader"])
+    def resumes_exactly(self, state: dict[str, Any]) -> bool:
+        """Whether `state` (one rank's) was saved by this rank of the same layout."""
+        return all(state.get(k) == v for k, v in self._layout.items())
 
-    def stats(self) -> dict[str, int]:
-        totals = dict.fromkeys(_COUNTERS, 0)
-        for s in _stream_states(self._loader.state_dict()):
-            for c in _COUNTERS:
-                totals[c] += s[c]
-        return totals
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        states = state if isinstance(state, list) else [state]
+        for s in states:
+            if s.get("version") != _LOADER_VERSION:
+                raise DataError(f"cannot resume the data position: unknown loader state version "
+                                f"{s.get('version')!r} (saved by another version of pipeline.data)")
+            saved = {k: s.get(k) for k in self._data_id}
+            if saved != self._data_id:
+                raise DataError(f"cannot resume the data position: it was saved for {saved}, the "
+                                f"shards now give {self._data_id} (keep data.urls and train.seed, "
+                                f"or start a new run_dir)")
+        own = [s for s in states if self.resumes_exactly(s)]
+        if not own and not isinstance(state, list):
+            raise DataError(f"cannot resume the data position: it was saved with "
+                            f"{ {k: state.get(k) for k in self._layout} }, this loader has "
+                            f"{self._layout}; pass every saved rank's state to re-deal the epoch")
+        start, start_states = (own[0]["start"], {}) if own else self._redeal(states)
+        self._it = self._error = None
+        self._start = start
+        self.dataset.start_states, self.dataset._state = start_states, None
+        self._loader = self._make_loader()
+        if own:
+            self._loader.load_state_dict(own[0]["loader"])
+
+    def _redeal(self, states: list[dict[str, Any]]) -> tuple[dict, dict[int, dict]]:
+        """Continue from another layout: merge all its streams' positions into one table and
+        deal the unread rest of each epoch to this rank's streams. Returns the new layout's start
+        and this rank's stream states."""
+        world_size, num_workers = states[0]["world_size"], max(1, states[0]["num_workers"])
+        if sorted(s["rank"] for s in states) != list(range(world_size)) or any(
+                (s["world_size"], max(1, s["num_workers"])) != (world_size, num_workers) for s in states):
+            raise DataError(f"cannot resume the data position: need the states of all "
+                            f"{world_size} saved ranks, got ranks {sorted(s['rank'] for s in states)}")
+        streams: dict[int, dict] = {}
+        for s in states:
+            start = s["start"]
+            for i in range(s["rank"] * num_workers, (s["rank"] + 1) * num_workers):
+                # a worker that never handed out a batch is still where the layout started
+                streams[i] = {"stream": i, "epoch": start["epoch"], "pos": 0, "read": start["read"],
+                              **dict.fromkeys(_COUNTERS, 0), "bad_shards": {}}
+            for st in _stream_states(s["loader"]):
+                streams[st["stream"]] = st
+        as_ints = [{**st, "read": {int(e): v for e, v in st["read"].items()}}
+                   for st in streams.values()]
+        num_streams = world_size * num_workers
+        epoch, table = deal.read_table(as_ints, num_streams, self.dataset.total)
+        read = {str(e): [list(iv) for iv in ivs] for e, ivs in table.items()}
+        # Counters carry over: this rank takes those of the saved ranks r with r % world size == rank.
+        mine = [st for st in streams.values()
+                if st["stream"] // num_workers % self.dataset.world_size == self.dataset.rank]
+        carried = {c: sum(st[c] for st in mine) for c in _COUNTERS}
+        worst: dict[str, list] = {}
+        for st in mine:
+            for k, (n, why) in st["bad_shards"].items():
+                worst[k] = [worst.get(k, [0])[0] + n, why]
+        worst = dict(sorted(worst.items(), key=lambda kv: -kv[1][0])[:_WORST_KEPT])
+        workers = max(1, self.num_workers)
+        new_states = {}
+        for w in range(workers):
+            stream = self.dataset.rank * workers + w
+            new_states[stream] = self.dataset.fresh_state(stream, self.dataset.world_size * workers,
+                                                          epoch, read)
+            if w == 0:
+                new_states[stream].update(carried, bad_shards=worst)
+        left = self.dataset.total - deal.size(table.get(epoch, []))
+        log.info("data position re-dealt from %d ranks x %d workers to %d x %d: epoch %d goes on "
+                 "with its %d unread samples", world_size, num_workers, self.dataset.world_size,
+                 workers, epoch, left)
+        return {"epoch": epoch, "read": read}, new_states
+
+    def stats(self) -> dict[str, float]:
+        """``skipped_samples``, ``failed_shards``, ``bad_fraction`` (as judged against
+        max_bad_fraction) and ``epoch`` (fractional, of this rank's slowest worker)."""
+        states = list(_stream_states(self._loader.state_dict()))
+        skipped = sum(s["skipped_samples"] for s in states)
+        share = max(1.0, self.dataset.total / max(1, states[0]["num_streams"])) if states else 1.0
+        return {"skipped_samples": skipped,
+                "failed_shards": self.failed_at_start + sum(s["failed_shards"] for s in states),
+                "bad_fraction": skipped / max(sum(s["dealt"] for s in states), self._rank_share, 1),
+                "epoch": min((s["epoch"] + s["pos"] / share for s in states), default=0.0)}
 
     def close(self) -> None:
         """Stop the workers; a later `next()` starts new ones at the current position."""
         if self._it is not None:
             self.load_state_dict(self.state_dict())
+
+
+def _copy(state: dict[str, Any]) -> dict[str, Any]:
+    """A stream state that shares no mutable part with `state`."""
+    return {**state, "read": dict(state["read"]), "bad_shards": dict(state["bad_shards"])}
 
 
 def _stream_states(obj: Any) -> Iterator[dict]:
@@ -376,28 +419,36 @@ def _stream_states(obj: Any) -> Iterator[dict]:
             yield from _stream_states(v)
 
 
-def build_loader(urls: list[str], *, image_size: int, channels: int, micro_batch_size: int,
+def build_loader(urls, *, image_size: int, channels: int, micro_batch_size: int,
                  num_workers: int, seed: int, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False) -> BatchLoader:
-    """The endless, resumable batch stream of one rank (see the module docstring)."""
+                 pin_memory: bool = False, max_bad_fraction: float = 0.05) -> BatchLoader:
+    """The endless, resumable batch stream of one rank (see the module docstring). `urls`: as
+    for `resolve_urls`. Raises `DataError` at once for missing shards, for more than
+    `max_bad_fraction` of the shards unreadable, or for fewer samples than streams."""
     checks = [(image_size >= 1, f"image_size must be >= 1, got {image_size}"),
               (channels in (1, 3), f"channels must be 1 or 3, got {channels}"),
               (micro_batch_size >= 1, f"micro_batch_size must be >= 1, got {micro_batch_size}"),
               (num_workers >= 0, f"num_workers must be >= 0, got {num_workers}"),
               (seed >= 0, f"seed must be >= 0, got {seed}"),
-              (0 <= rank < world_size, f"rank {rank} is outside world size {world_size}")]
+              (0 <= rank < world_size, f"rank {rank} is outside world size {world_size}"),
+              (0 <= max_bad_fraction <= 1, f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")]
     for ok, message in checks:
         if not ok:
             raise DataError(message)
-    urls = resolve_urls(urls)
+    urls, counts, left_out = load_shard_counts(urls, max_bad_fraction)
     streams = world_size * max(1, num_workers)
-    if len(urls) < streams:
+    if counts.sum() < streams:
+        raise DataError(f"only {counts.sum()} samples for {streams} streams (world size "
+                        f"{world_size} x {max(1, num_workers)} workers): use fewer workers")
+    usable = int((counts > 0).sum())
+    if usable < streams:
         log.warning("only %d shards for %d streams (world size %d x %d workers): streams share "
-                    "shards and each reads whole shards to use a part; make more, smaller shards",
-                    len(urls), streams, world_size, max(1, num_workers))
-    dataset = ShardStream(urls, image_size=image_size, channels=channels,
+                    "shards, each reading a whole shard to use a part; make more, smaller shards",
+                    usable, streams, world_size, max(1, num_workers))
+    dataset = ShardStream(urls, counts, image_size=image_size, channels=channels,
                           batch_size=micro_batch_size, seed=seed, rank=rank, world_size=world_size)
-    return BatchLoader(dataset, num_workers=num_workers, pin_memory=pin_memory)
+    return BatchLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
+                       max_bad_fraction=max_bad_fraction, failed_at_start=left_out)
 
 
 def to_model_input(batch_uint8: torch.Tensor, device, *, random_flip: bool = True,

@@ -31,9 +31,28 @@ class Runtime:
     is_main: bool
     global_batch_size: int
     """micro_batch_size x grad_accum_steps x world_size: the one place this product is formed."""
+    deepspeed_config: dict | None = None
+    """The completed DeepSpeed config (dsconfig.load) when training under DeepSpeed ZeRO, else None."""
+
+    @property
+    def input_dtype(self) -> torch.dtype | None:
+        """Under DeepSpeed bf16/fp16 the module itself is cast and no autocast applies: inputs must be cast
+        to this dtype by the caller. None: leave inputs as they are (autocast or fp32)."""
+        ds = self.deepspeed_config
+        if ds is None:
+            return None
+        return torch.bfloat16 if ds["bf16"]["enabled"] else torch.float16 if ds["fp16"]["enabled"] else None
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on at least one. A collective: every rank calls it at
+        the same point. One all-reduce and a host sync; a single process needs neither."""
+        if self.world_size == 1:
+            return flag
+        count = self.accelerator.reduce(torch.tensor(int(flag), device=self.device), reduction="sum")
+        return int(count) > 0
 
 
 def setup_logging(is_main: bool) -> None:
@@ -42,26 +61,62 @@ def setup_logging(is_main: bool) -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr)
 
 
+def _deepspeed_plugin(ds_config: dict):
+    """Accelerate's DeepSpeedPlugin for a completed config (dsconfig.load).
+
+    Accelerate 1.15 registers the config with `transformers` (HfDeepSpeedConfig) when a plugin is
+    selected, and fails with PackageNotFoundError where transformers is not installed. That hook only
+    serves transformers' own ZeRO-3 model loading, which we never use (ZeRO-3 is refused), so it is
+    skipped here rather than adding transformers as a dependency.
+    """
+    from accelerate.utils import DeepSpeedPlugin
+
+    class _Plugin(DeepSpeedPlugin):
+        def set_deepspeed_weakref(self):  # no transformers models here (see above)
+            pass
+
+    return _Plugin(hf_ds_config=ds_config)
+
+
 def build_runtime(cfg: Config) -> Runtime:
-    """Create the Accelerator. Mixed precision comes from the config (one source of truth)."""
+    """Create the Accelerator. Mixed precision, batch arithmetic and, with train.deepspeed, the DeepSpeed
+    config all come from `cfg` (one source of truth); a DeepSpeed JSON that disagrees is refused here."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+
+    from . import dsconfig
 
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU (on CPU it would silently run fp32); "
                           "use bf16 or no")
+    ds_config, plugin, handlers = None, None, []
+    if cfg.train.deepspeed:
+        ds_config = dsconfig.load(cfg.train.deepspeed, cfg)  # before any process group: fail fast
+        if not torch.cuda.is_available():
+            # DeepSpeed picks its accelerator at import; without this it looks for CUDA. And accelerate
+            # finds no backend for DeepSpeed on CPU (None: every rank thinks it is alone): gloo, explicitly.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        plugin = _deepspeed_plugin(ds_config)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
-        # We accumulate by hand (no_sync on all but the last micro batch) so the arithmetic
-        # global batch = micro x accum x world lives in one place: the loop.
-        gradient_accumulation_steps=1,
+        # We accumulate by hand (no_sync on all but the last micro batch; under DeepSpeed, its
+        # gradient_accumulation_steps = train.grad_accum_steps) so the arithmetic
+        # global batch = micro x accum x world lives in one place: the config, formed below.
+        # (Accelerate would otherwise warn that DeepSpeed's value wins; both are the config's.)
+        gradient_accumulation_steps=cfg.train.grad_accum_steps if ds_config else 1,
         step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
+        deepspeed_plugin=plugin,
+        kwargs_handlers=handlers,
     )
     world_size = accelerator.num_processes
     rt = Runtime(accelerator=accelerator, device=accelerator.device, rank=accelerator.process_index,
                  world_size=world_size, is_main=accelerator.is_main_process,
-                 global_batch_size=cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size)
+                 global_batch_size=cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size,
+                 deepspeed_config=ds_config)
+    if ds_config is not None:
+        dsconfig.check_world(ds_config, cfg.train.deepspeed, rt.global_batch_size, world_size)
     setup_logging(rt.is_main)
     if accelerator.device.type == "cuda":
         # TF32 for any fp32 matmuls/convs left outside autocast; cuDNN picks the fastest conv kernels.

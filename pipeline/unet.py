@@ -327,7 +327,9 @@ class UNet(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """x: (B, C, H, W) float; t: (B,) int64 (or float) timesteps. Returns (B, out_channels, H, W)."""
-        temb = timestep_embedding(t, self.channels)  # float32
+        # float32, or x's dtype when the module itself runs in bf16/fp16 (DeepSpeed casts the weights).
+        temb = timestep_embedding(t, self.channels).to(x.dtype if x.dtype in (torch.bfloat16, torch.float16)
+                                                       else torch.float32)
         temb = self.temb_dense1(F.silu(self.temb_dense0(temb)))
         temb_act = F.silu(temb)  # every ResBlock's temb_proj consumes SiLU(temb)
 

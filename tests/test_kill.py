@@ -1,0 +1,74 @@
+"""Real processes, really killed (SIGKILL to the launcher and every process under it): N steps
+straight == N/2 steps, kill, the same command to N, bit for bit, for 1 and 2 processes; and a short
+fault-injection soak (scripts/kill_soak.py runs the long one by hand)."""
+import io
+import re
+import sys
+
+import pytest
+import torch
+
+from test_train import REPO, scalars
+
+sys.path.insert(0, str(REPO / "scripts"))
+from kill_soak import compare_checkpoints, kill, latest, resumed_from, run, soak, start, wait_for  # noqa: E402
+from kill_soak import train_command  # noqa: E402
+
+N = 20
+
+
+def forge_malicious_rank_file(ckpt, rank, marker):
+    from test_checkpoint import RunsCode, forge
+
+    buf = io.BytesIO()
+    torch.save(RunsCode(marker), buf)
+    forge(ckpt, f"rank-{rank:05d}.pt", buf.getvalue())
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_sigkill_at_half_then_same_command_is_bit_identical(tmp_path, procs):
+    overrides = [f"train.max_steps={N}", f"ckpt.every_steps={N // 2}", "ckpt.keep_last=2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    command = train_command(killed, *overrides, procs=procs)
+    # The uninterrupted run goes alongside the one we kill (2 cores: it also widens the kill window).
+    straight_proc = start(train_command(straight, *overrides, procs=procs), tmp_path / "straight.log")
+    proc = start(command, tmp_path / "first.log")
+    try:
+        wait_for(lambda: latest(killed) == f"step-{N // 2:08d}", proc, timeout_s=300)
+        kill(proc)
+        assert straight_proc.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    finally:
+        kill(proc)
+        kill(straight_proc)
+    assert proc.returncode == -9
+    ckpts = sorted(p.name for p in (killed / "checkpoints").glob("step-*"))
+    assert ckpts == [f"step-{N // 2:08d}"], f"the kill came too late: {ckpts}"
+    log = (tmp_path / "first.log").read_text()
+    world = re.search(r"global batch (\d+) = 16 x 1 accum x (\d+) ranks", log)
+    assert world and world.groups() == (str(16 * procs), str(procs)), log[-3000:]
+
+    assert run(command, tmp_path / "resumed.log", timeout_s=240) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert resumed_from(tmp_path / "resumed.log") == f"step-{N // 2:08d}"
+    final = f"checkpoints/step-{N:08d}"
+    assert compare_checkpoints(straight / final, killed / final) == []
+    # TensorBoard: every logged step once, as in the uninterrupted run.
+    steps = [s for s, _ in scalars(killed, "train/loss")]
+    assert steps == [s for s, _ in scalars(straight, "train/loss")] == list(range(5, N + 1, 5))
+
+    if procs == 2:
+        # A failure on one rank only (its own file would run code): both ranks must agree to fall
+        # back to the previous checkpoint, retrain, and end bit-identical again.
+        marker = tmp_path / "code-ran"
+        forge_malicious_rank_file(killed / final, 1, marker)
+        rc = run(command, tmp_path / "rank-local.log", timeout_s=240)
+        assert rc == 0, (tmp_path / "rank-local.log").read_text()[-3000:]
+        assert resumed_from(tmp_path / "rank-local.log") == f"step-{N // 2:08d}"
+        assert not marker.exists()
+        assert compare_checkpoints(straight / final, killed / final) == []
+
+
+def test_sigkill_at_random_moments_with_a_checkpoint_every_step(tmp_path):
+    """The CI-sized soak: 3 kills; `python scripts/kill_soak.py --kills 20` is the long one."""
+    summary = soak(tmp_path, kills=3, steps=28, procs=1, seed=1, max_delay_s=0.3, say=lambda s: None)
+    assert summary["problems"] == []
+    assert summary["kills"] == 3 and summary["final_identical"] and summary["tensorboard_steps_ok"]
