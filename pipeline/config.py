@@ -28,7 +28,8 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     urls: list[str] = field(default_factory=lambda: ["data/demo/fashion-mnist-{000000..000004}.tar"])
-    """Shards: brace patterns (`x-{000000..000099}.tar`), globs, directories, http(s):// or pipe: URLs."""
+    """Shards: brace patterns (`x-{000000..000099}.tar`), globs, directories, http(s):// or pipe: URLs,
+    and optionally a wids index JSON (per-shard sample counts)."""
     image_size: int = 32
     """Training resolution in pixels; other sizes are resized (shorter side) and centre-cropped."""
     channels: int = 3
