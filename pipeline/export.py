@@ -31,12 +31,17 @@ class ExportError(RuntimeError):
 def fp32_weights(ckpt: Path) -> dict[str, dict[str, torch.Tensor]]:
     """{"model": state dict, "ema": state dict}: whole fp32 CPU tensors from one checkpoint directory.
 
-    The one place that knows how a checkpoint stores its weights: a DeepSpeed ZeRO checkpoint
-    (bf16 module, partitioned optimizer) gets its reader here, e.g. via
-    `deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`.
+    The one place that knows how a checkpoint stores its weights. Under DeepSpeed ZeRO the online
+    weights come from the fp32 master partitions of every rank (model.safetensors holds the live module,
+    bf16 under bf16); the EMA is always saved whole in fp32.
     """
-    return {name: {k: v.float() if v.is_floating_point() else v for k, v in read_weights(ckpt, name).items()}
-            for name in WEIGHTS}
+    from . import zero
+
+    out = {name: {k: v.float() if v.is_floating_point() else v for k, v in read_weights(ckpt, name).items()}
+           for name in WEIGHTS}
+    if zero.is_zero_checkpoint(ckpt):
+        out["model"] = zero.fp32_weights(ckpt)
+    return out
 
 
 def export(run_dir: Path, out_dir: Path) -> Path:

@@ -82,13 +82,19 @@ def build_runtime(cfg: Config) -> Runtime:
     """Create the Accelerator. Mixed precision, batch arithmetic and, with train.deepspeed, the DeepSpeed
     config all come from `cfg` (one source of truth); a DeepSpeed JSON that disagrees is refused here."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+    from accelerate.utils import DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
 
     from . import dsconfig
 
     if cfg.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.mixed_precision: fp16 needs a CUDA GPU (on CPU it would silently run fp32); "
                           "use bf16 or no")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        # Set by `accelerate launch --use_deepspeed` or an accelerate config with a deepspeed section:
+        # a second, unchecked DeepSpeed config. The run's config selects DeepSpeed instead.
+        raise ConfigError("the accelerate launch config selects DeepSpeed; launch plain processes "
+                          "(configs/accelerate/deepspeed_zero2.yaml) and select it with "
+                          "train.deepspeed=configs/deepspeed/zero2.json")
     ds_config, plugin, handlers = None, None, []
     if cfg.train.deepspeed:
         ds_config = dsconfig.load(cfg.train.deepspeed, cfg)  # before any process group: fail fast
@@ -97,6 +103,16 @@ def build_runtime(cfg: Config) -> Runtime:
             # finds no backend for DeepSpeed on CPU (None: every rank thinks it is alone): gloo, explicitly.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        if "LOCAL_RANK" not in os.environ and "RANK" not in os.environ:
+            # Started without a launcher (`ddpm-train ...` on one device): DeepSpeed still needs a process
+            # group, and without these would go looking for MPI. A world of one on a free local port.
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(port))
         plugin = _deepspeed_plugin(ds_config)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
@@ -115,6 +131,10 @@ def build_runtime(cfg: Config) -> Runtime:
                  world_size=world_size, is_main=accelerator.is_main_process,
                  global_batch_size=cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size,
                  deepspeed_config=ds_config)
+    if ds_config is not None and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        # accelerate ignores the plugin in CPU mode (ACCELERATE_USE_CPU, --cpu) and would train with DDP.
+        raise ConfigError(f"train.deepspeed: accelerate started {accelerator.distributed_type.value}, not DeepSpeed "
+                          f"(CPU mode ignores DeepSpeed: launch without --cpu / ACCELERATE_USE_CPU)")
     if ds_config is not None:
         dsconfig.check_world(ds_config, cfg.train.deepspeed, rt.global_batch_size, world_size)
     setup_logging(rt.is_main)

@@ -51,8 +51,10 @@ def train_command(run_dir: Path, *overrides: str, procs: int = 1) -> tuple[list[
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     if procs == 1:
         return [sys.executable, "-m", "pipeline.train", *args], env
-    # The one flag set that really runs N CPU processes (shared/notes/toolchain.md).
-    env["ACCELERATE_USE_CPU"] = "true"
+    # The one flag set that really runs N CPU processes (shared/notes/toolchain.md). Under DeepSpeed,
+    # CPU mode would make accelerate ignore the plugin: the runtime picks gloo and DS_ACCELERATOR=cpu.
+    if not any(o.startswith("train.deepspeed=") and o != "train.deepspeed=" for o in overrides):
+        env["ACCELERATE_USE_CPU"] = "true"
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(free_port()), "-m", "pipeline.train", *args], env
