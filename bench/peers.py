@@ -119,6 +119,26 @@ def flops_per_image(model_fn=None, image_size=32, channels=3, device=None, batch
     return fc.get_total_flops() / batch
 
 
+def _time_steps(step, batch, steps, warm, device, params):
+    """`warm` untimed calls of `step()`, then `steps` timed ones (peak memory reset in between).
+
+    Returns dict(img_s, step_ms, loss (of the last step), peak_gib (None off CUDA), params)."""
+    dt_ = _dev_type(device)
+    for _ in range(warm):
+        step()
+    _sync(device)
+    if dt_ == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    _sync(device)
+    dt = time.perf_counter() - t0
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if dt_ == "cuda" else None
+    return dict(img_s=batch * steps / dt, step_ms=1000 * dt / steps, loss=float(loss),
+                peak_gib=mem, params=params)
+
+
 def bench_diffusers(batch, amp, channels_last, compile_, steps=40, warm=10, device=None):
     """Time `steps` training steps of the diffusers DDPM UNet after `warm` untimed ones.
 
@@ -159,20 +179,7 @@ def bench_diffusers(batch, amp, channels_last, compile_, steps=40, warm=10, devi
         ema.update()
         return loss
 
-    for _ in range(warm):
-        step()
-    _sync(device)
-    if dt_ == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    _sync(device)
-    dt = time.perf_counter() - t0
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if dt_ == "cuda" else None
-    params = sum(p.numel() for p in model.parameters())
-    return dict(img_s=batch * steps / dt, step_ms=1000 * dt / steps, loss=float(loss),
-                peak_gib=mem, params=params)
+    return _time_steps(step, batch, steps, warm, device, params=sum(p.numel() for p in model.parameters()))
 
 
 def bench_lucidrains(batch, steps=40, warm=10, device=None):
@@ -204,17 +211,4 @@ def bench_lucidrains(batch, steps=40, warm=10, device=None):
         ema.update()
         return loss
 
-    for _ in range(warm):
-        step()
-    _sync(device)
-    if dt_ == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    _sync(device)
-    dt = time.perf_counter() - t0
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if dt_ == "cuda" else None
-    params = sum(p.numel() for p in unet.parameters())
-    return dict(img_s=batch * steps / dt, step_ms=1000 * dt / steps, loss=float(loss),
-                peak_gib=mem, params=params)
+    return _time_steps(step, batch, steps, warm, device, params=sum(p.numel() for p in unet.parameters()))
