@@ -140,6 +140,29 @@ def wait_for(predicate, proc: subprocess.Popen, timeout_s: float, poll_s: float 
     raise RuntimeError(f"nothing happened within {timeout_s:.0f} s")
 
 
+def kill_at_half(work: Path, overrides: list[str], steps: int, procs: int = 1):
+    """Start an uninterrupted run (work/straight) beside one that is SIGKILLed as soon as `latest`
+    names step steps/2 (work/killed); wait for the first to finish. The overrides must save at
+    steps/2. Returns (straight run dir, killed run dir, the killed run's command to rerun it).
+    Logs: work/straight.log, work/first.log."""
+    straight, killed = work / "straight", work / "killed"
+    command = train_command(killed, *overrides, procs=procs)
+    # The uninterrupted run goes alongside the one we kill (2 cores: it also widens the kill window).
+    straight_proc = start(train_command(straight, *overrides, procs=procs), work / "straight.log")
+    proc = start(command, work / "first.log")
+    try:
+        wait_for(lambda: latest(killed) == f"step-{steps // 2:08d}", proc, timeout_s=300)
+        kill(proc)
+        assert straight_proc.wait(timeout=300) == 0, (work / "straight.log").read_text()[-3000:]
+    finally:
+        kill(proc)
+        kill(straight_proc)
+    assert proc.returncode == -9
+    ckpts = sorted(p.name for p in (killed / "checkpoints").glob("step-*"))
+    assert ckpts == [f"step-{steps // 2:08d}"], f"the kill came too late: {ckpts}"
+    return straight, killed, command
+
+
 def resumed_from(log_path: Path) -> str | None:
     m = re.search(r"resumed from \S*?(step-\d{8})", log_path.read_text())
     return m.group(1) if m else None

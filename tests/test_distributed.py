@@ -19,7 +19,7 @@ import torch
 from test_train import REPO, scalars, tiny_cfg
 
 sys.path.insert(0, str(REPO / "scripts"))
-from kill_soak import kill, latest, resumed_from, run, same, start, train_command, wait_for  # noqa: E402
+from kill_soak import kill_at_half, resumed_from, run, same, train_command  # noqa: E402
 
 B = 4  # micro batch per rank in the equivalence test
 
@@ -148,19 +148,7 @@ def test_zero2_trains_resumes_exactly_after_sigkill_and_exports_live_weights(tmp
     n = 30
     overrides = [f"train.max_steps={n}", f"ckpt.every_steps={n // 2}", "train.mixed_precision=no",
                  "train.deepspeed=configs/deepspeed/zero2.json", "optim.lr=4e-3"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    command = train_command(killed, *overrides, procs=2)
-    straight_proc = start(train_command(straight, *overrides, procs=2), tmp_path / "straight.log")
-    proc = start(command, tmp_path / "first.log")
-    try:
-        wait_for(lambda: latest(killed) == f"step-{n // 2:08d}", proc, timeout_s=300)
-        kill(proc)
-        assert straight_proc.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
-    finally:
-        kill(proc)
-        kill(straight_proc)
-    assert proc.returncode == -9
-    assert sorted(p.name for p in (killed / "checkpoints").glob("step-*")) == [f"step-{n // 2:08d}"]
+    straight, killed, command = kill_at_half(tmp_path, overrides, n, procs=2)
     assert "global batch 32 = 16 x 1 accum x 2 ranks" in (tmp_path / "first.log").read_text()
 
     assert run(command, tmp_path / "resumed.log", timeout_s=300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]

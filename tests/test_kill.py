@@ -11,8 +11,8 @@ import torch
 from test_train import REPO, scalars
 
 sys.path.insert(0, str(REPO / "scripts"))
-from kill_soak import compare_checkpoints, kill, latest, resumed_from, run, soak, start, wait_for  # noqa: E402
-from kill_soak import train_command  # noqa: E402
+from kill_soak import compare_checkpoints, resumed_from, run, soak  # noqa: E402
+from kill_soak import kill_at_half  # noqa: E402
 
 N = 20
 
@@ -28,21 +28,7 @@ def forge_malicious_rank_file(ckpt, rank, marker):
 @pytest.mark.parametrize("procs", [1, 2])
 def test_sigkill_at_half_then_same_command_is_bit_identical(tmp_path, procs):
     overrides = [f"train.max_steps={N}", f"ckpt.every_steps={N // 2}", "ckpt.keep_last=2"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    command = train_command(killed, *overrides, procs=procs)
-    # The uninterrupted run goes alongside the one we kill (2 cores: it also widens the kill window).
-    straight_proc = start(train_command(straight, *overrides, procs=procs), tmp_path / "straight.log")
-    proc = start(command, tmp_path / "first.log")
-    try:
-        wait_for(lambda: latest(killed) == f"step-{N // 2:08d}", proc, timeout_s=300)
-        kill(proc)
-        assert straight_proc.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
-    finally:
-        kill(proc)
-        kill(straight_proc)
-    assert proc.returncode == -9
-    ckpts = sorted(p.name for p in (killed / "checkpoints").glob("step-*"))
-    assert ckpts == [f"step-{N // 2:08d}"], f"the kill came too late: {ckpts}"
+    straight, killed, command = kill_at_half(tmp_path, overrides, N, procs=procs)
     log = (tmp_path / "first.log").read_text()
     world = re.search(r"global batch (\d+) = 16 x 1 accum x (\d+) ranks", log)
     assert world and world.groups() == (str(16 * procs), str(procs)), log[-3000:]
