@@ -7,15 +7,18 @@ Sections, each a JSON line in --out (written as soon as measured, so a cut-off r
   info / ceiling   device, torch version, bf16 matmul TFLOP/s measured now (the MFU denominator)
   flops            forward+backward FLOPs per image of our UNet and of diffusers' UNet2DModel
   ours             our training step (epsilon loss on uint8 batches flipped/scaled on the device, AdamW
-                   fused, grad clip, EMA every step) in eager and compiled variants, batch 128 and 512
+                   fused, grad clip, EMA every step) in eager and compiled variants, batch 128 and 512;
+                   "stock-norm" rows swap our channels_last GroupNorm/upsample for ATen's (ablation)
   peer             diffusers UNet2DModel (its best variants) and lucidrains, from bench/peers.py
   match            fast path (bf16 + compile) loss over the first steps vs eager fp32, same seed
   loop             the real `pipeline.train.train` loop on JPEG shards: images/s, data wait, MFU
+  profile          CUDA kernels of the timed steps only -> profile.txt, profile-shapes.txt beside --out
 A --deadline (seconds) skips what would not finish in time, so one device call always returns.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -73,13 +76,33 @@ def sync(device):
 
 
 def our_step_bench(cfg, batch: int, *, amp: bool, compile_mode, steps: int, warm: int, device, seed: int = 0,
-                   record_losses: bool = False) -> dict:
-    """Our training step as the loop runs it, without Accelerate's wrapper (one process, no DDP)."""
+                   record_losses: bool = False, stock_ops: bool = False, profiler=None,
+                   channels_last: bool | None = None) -> dict:
+    """Our training step as the loop runs it, without Accelerate's wrapper (one process, no DDP).
+
+    `stock_ops`: the model uses ATen's GroupNorm and interpolate instead of our channels_last ones
+    (the ablation that shows what they are worth). `profiler`: a context manager entered around the
+    timed steps only (not compilation or CUDA-graph recording). `channels_last`: the memory format
+    (default: channels_last on CUDA, as the loop; a CPU test sets it to check the GPU's layout path)."""
     from ema_pytorch import EMA
 
+    from pipeline import unet
+
+    unet.CHANNELS_LAST_OPS = not stock_ops
+    try:
+        return _our_step_bench(cfg, batch, amp=amp, compile_mode=compile_mode, steps=steps, warm=warm,
+                               device=device, seed=seed, record_losses=record_losses, EMA=EMA,
+                               profiler=profiler or contextlib.nullcontext(),
+                               channels_last=device.type == "cuda" if channels_last is None else channels_last)
+    finally:
+        unet.CHANNELS_LAST_OPS = True
+
+
+def _our_step_bench(cfg, batch, *, amp, compile_mode, steps, warm, device, seed, record_losses, EMA, profiler,
+                    channels_last):
     torch.manual_seed(seed)
     cuda = device.type == "cuda"
-    fmt = torch.channels_last if cuda else torch.contiguous_format
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = build_model(cfg).to(device, memory_format=fmt)
     ema = EMA(net, beta=0.9999, min_value=0.9999, update_after_step=0, update_every=1,
               include_online_model=False, use_foreach=True)
@@ -119,11 +142,12 @@ def our_step_bench(cfg, batch: int, *, amp: bool, compile_mode, steps: int, warm
     sync(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for i in range(warm, warm + steps):
-        out = step(i)
-    sync(device)
-    dt = time.perf_counter() - t0
+    with profiler:
+        t0 = time.perf_counter()
+        for i in range(warm, warm + steps):
+            out = step(i)
+        sync(device)
+        dt = time.perf_counter() - t0
     res = dict(img_s=batch * steps / dt, step_ms=1000 * dt / steps, loss=float(out),
                params=sum(p.numel() for p in net.parameters()))
     if cuda:
@@ -162,15 +186,22 @@ def loop_bench(cfg_path: Path, shards: str, batch: int, steps: int, workers: int
 
 
 def profile_step(cfg, batch: int, compile_mode, device, out_dir: Path) -> dict:
-    """Top CUDA kernels of our step (a few steps under torch.profiler), written to profile.txt."""
+    """Where the CUDA time of the timed steps goes (compilation and warm-up excluded): kernels in
+    profile.txt, the same with input shapes (to find what a copy is copying) in profile-shapes.txt."""
     from torch.profiler import ProfilerActivity, profile
 
-    our_step_bench(cfg, batch, amp=True, compile_mode=compile_mode, steps=1, warm=8, device=device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        our_step_bench(cfg, batch, amp=True, compile_mode=compile_mode, steps=5, warm=2, device=device)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
-    (out_dir / "profile.txt").write_text(table)
-    return dict(file=str(out_dir / "profile.txt"))
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True)
+    res = our_step_bench(cfg, batch, amp=True, compile_mode=compile_mode, steps=5, warm=10, device=device,
+                         profiler=prof)
+    averages = prof.key_averages()
+    (out_dir / "profile.txt").write_text(averages.table(sort_by="cuda_time_total", row_limit=45,
+                                                         max_name_column_width=110))
+    (out_dir / "profile-shapes.txt").write_text(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=60, max_shapes_column_width=120))
+    cuda_us = sum(e.self_device_time_total for e in averages)
+    copy_us = sum(e.self_device_time_total for e in averages if "copy" in e.key.lower() or "clone" in e.key.lower())
+    return dict(files=["profile.txt", "profile-shapes.txt"], step_ms=res["step_ms"],
+                cuda_ms_per_step=cuda_us / 1000 / 5, copy_or_clone_named_frac=copy_us / max(cuda_us, 1e-9))
 
 
 def main(argv=None) -> int:
@@ -210,11 +241,11 @@ def main(argv=None) -> int:
             res["mfu"] = res["img_s"] * flops / (ceiling * 1e12)
         return res
 
-    def ours(batch, name, amp, mode):
+    def ours(batch, name, amp, mode, stock_ops=False):
         compile_warm = 5 if mode else 0
         rec.section("ours", 15 if mode is None else 90, lambda: mfu(our_step_bench(
-            cfg, batch, amp=amp, compile_mode=mode, steps=steps, warm=warm + compile_warm, device=device)),
-            cfg=name, batch=batch)
+            cfg, batch, amp=amp, compile_mode=mode, steps=steps, warm=warm + compile_warm, device=device,
+            stock_ops=stock_ops)), cfg=name + (" stock-norm" if stock_ops else ""), batch=batch)
 
     def peer(batch, name):
         amp, cl, comp = next((a, c, k) for n, a, c, k in peers.PEER_CONFIGS if n == name)
@@ -235,6 +266,8 @@ def main(argv=None) -> int:
     if args.quick:
         ours(b_small, "eager-fp32", False, None)
         ours(b_small, "eager-bf16", True, None)
+        ours(b_small, "eager-bf16", True, None, stock_ops=True)
+        rec.section("profile", 15, lambda: profile_step(cfg, b_small, None, device, args.out.parent))
         rec.section("match", 15, match)
         rec.section("loop", 20, lambda: mfu(loop_bench(REPO / loop_cfg, shards, loop_batch, loop_steps, workers,
                                                        device)), batch=loop_batch, shards=shards)
@@ -245,11 +278,12 @@ def main(argv=None) -> int:
         peer(b_small, ro)
         ours(b_large, ro, True, "reduce-overhead")
         peer(b_large, ro)
+        ours(b_large, ro, True, "reduce-overhead", stock_ops=True)  # what the channels_last norm is worth
         rec.section("loop", 150, lambda: mfu(loop_bench(REPO / loop_cfg, shards, loop_batch, loop_steps, workers,
                                                         device, compile_mode=loop_mode)),
                     batch=loop_batch, shards=shards, compile_mode=loop_mode)
         rec.section("match", 90, match)
-        rec.section("profile", 60, lambda: profile_step(cfg, b_large, "reduce-overhead", device, args.out.parent),
+        rec.section("profile", 75, lambda: profile_step(cfg, b_large, "reduce-overhead", device, args.out.parent),
                     batch=b_large)
         for b in (b_small, b_large):
             ours(b, "bf16+cl+compile", True, "default")

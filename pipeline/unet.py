@@ -46,7 +46,7 @@ parameter count):
 Performance notes: forward has no data-dependent Python control flow, no
 ``.item()`` and no host syncs, so ``torch.compile`` traces it in one graph. It
 works with channels_last inputs/weights (the attention reshapes are free views
-in that layout). The sinusoidal embedding is computed in float32; under bf16
+in that layout; GroupNorm and the upsample keep it, see ``GroupNorm``). The sinusoidal embedding is computed in float32; under bf16
 autocast the rest runs in bf16 and the output is returned as produced (bf16) --
 the loss is expected to cast to float32.
 """
@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["UNet", "count_parameters", "timestep_embedding", "group_norm"]
+__all__ = ["UNet", "GroupNorm", "count_parameters", "timestep_embedding", "group_norm", "upsample_nearest_2x"]
 
 GN_GROUPS = 32
 GN_EPS = 1e-6
@@ -83,9 +83,69 @@ def _num_groups(channels: int, max_groups: int = GN_GROUPS, min_group_size: int 
     return 1
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+# Set to False to get the stock ATen GroupNorm / interpolate everywhere (the benchmark's ablation).
+CHANNELS_LAST_OPS = True
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return CHANNELS_LAST_OPS and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that keeps a channels_last input channels_last (same parameters, same math).
+
+    Why: the stock op turns a channels_last UNet into layout copies. On CUDA, ATen's group_norm makes
+    its input NCHW-contiguous and returns NCHW; the decomposition ``torch.compile`` uses reshapes the
+    input to (N, G, C/G, H*W), which for channels_last is a copy, and also returns NCHW. Every norm is
+    then followed by a conv that wants channels_last again, and its backward by a transposing copy of
+    the gradient (the H200 profile in bench/results: an ATen copy kernel at 14.7% of CUDA time and
+    ``clone`` in the fused norm kernels). Here everything works on the free (N, H*W, C) view of the
+    NHWC memory: per-channel mean and variance over H*W (a reduction whose neighbouring outputs are
+    neighbouring channels, so reads are coalesced), combined per group exactly (equal counts: group
+    variance = mean of channel variances + variance of channel means), then one multiply-add per
+    element. Nothing is copied and ``torch.compile`` fuses it with the following SiLU.
+
+    Statistics are float32 (as ATen's). The output dtype is what ``F.group_norm`` gives on CUDA:
+    float32 under autocast (weight float32), the input dtype when the module itself is bf16/fp16
+    (DeepSpeed). Other layouts take the stock path.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (_is_channels_last(x) and self.affine):
+            return super().forward(x)
+        n, c, h, w = x.shape
+        g = self.num_groups
+        xf = x.permute(0, 2, 3, 1).reshape(n, h * w, c).float()  # a view: NHWC memory
+        var_c, mean_c = torch.var_mean(xf, dim=1, keepdim=True, correction=0)  # (n, 1, c)
+        mean_c, var_c = mean_c.view(n, g, c // g), var_c.view(n, g, c // g)
+        mean_g = mean_c.mean(-1, keepdim=True)
+        var_g = (var_c + (mean_c - mean_g).square()).mean(-1, keepdim=True)
+        scale = torch.rsqrt(var_g + self.eps) * self.weight.view(g, c // g)  # (n, g, c/g)
+        shift = self.bias.view(g, c // g) - mean_g * scale
+        y = torch.addcmul(shift.view(n, 1, c), xf, scale.view(n, 1, c))  # one pass when eager
+        return y.to(torch.promote_types(x.dtype, self.weight.dtype)).view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def group_norm(channels: int) -> GroupNorm:
     """GroupNorm(32) with the small-width fallback documented in the module docstring."""
-    return nn.GroupNorm(_num_groups(channels), channels, eps=GN_EPS)
+    return GroupNorm(_num_groups(channels), channels, eps=GN_EPS)
+
+
+def upsample_nearest_2x(x: Tensor) -> Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="nearest")``, exactly, as a broadcast copy.
+
+    Why: under ``torch.compile`` interpolate's backward becomes an atomic scatter-add (index_put with
+    accumulate, 1.4 ms per step at batch 512 on an H200); the backward of expand + reshape is a plain
+    sum over the repeated pixels. For channels_last input the copy is made in NHWC order, so the
+    result is channels_last too.
+    """
+    n, c, h, w = x.shape
+    if _is_channels_last(x):
+        y = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(n, h, 2, w, 2, c)
+        return y.reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+    if not CHANNELS_LAST_OPS:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -167,7 +227,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(upsample_nearest_2x(x))
 
 
 class UNet(nn.Module):

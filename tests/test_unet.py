@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.unet import UNet, _num_groups, count_parameters, timestep_embedding
+from pipeline.unet import GroupNorm, UNet, _num_groups, count_parameters, timestep_embedding, upsample_nearest_2x
 
 CIFAR_REFERENCE_PARAMS = 35_746_307  # exact count of the reference (TF) implementation
 
@@ -198,16 +198,99 @@ def test_uses_scaled_dot_product_attention(monkeypatch):
 
 
 def test_channels_last_matches_contiguous():
-    model = perturb(tiny(3)).eval()
+    """Forward and every parameter gradient: the channels_last path (our GroupNorm and upsample over
+    NHWC views) computes what the stock NCHW ops compute."""
+    model = perturb(tiny(3))
     x = torch.randn(2, 3, 16, 16)
     t = torch.tensor([3, 700])
+    ref = model(x, t)
+    ref_grads = torch.autograd.grad(ref.square().mean(), list(model.parameters()))
     with torch.no_grad():
-        ref = model(x, t)
         out_input_cl = model(x.contiguous(memory_format=torch.channels_last), t)
-        model_cl = model.to(memory_format=torch.channels_last)
-        out_cl = model_cl(x.contiguous(memory_format=torch.channels_last), t)
+    model_cl = model.to(memory_format=torch.channels_last)
+    out_cl = model_cl(x.contiguous(memory_format=torch.channels_last), t)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    cl_grads = torch.autograd.grad(out_cl.square().mean(), list(model_cl.parameters()))
     torch.testing.assert_close(out_input_cl, ref, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out_cl, ref, atol=1e-5, rtol=1e-4)
+    for (name, _), a, b in zip(model.named_parameters(), cl_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("n,c,h,w,groups", [(2, 64, 8, 8, 32), (3, 16, 5, 7, 4), (2, 256, 4, 4, 32), (1, 12, 3, 3, 3)])
+def test_group_norm_channels_last_matches_stock(n, c, h, w, groups):
+    g = torch.Generator().manual_seed(c + h)
+    norm = GroupNorm(groups, c, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(c, generator=g))
+        norm.bias.copy_(torch.randn(c, generator=g))
+    x = torch.randn(n, c, h, w, generator=g) * 3 + 1  # a mean far from 0 tests the variance formula
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_ref = x.clone().requires_grad_()
+    y, y_ref = norm(x_cl), F.group_norm(x_ref, groups, norm.weight, norm.bias, 1e-6)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    dy = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    grads = torch.autograd.grad(y, [x_cl, norm.weight, norm.bias], dy)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, norm.weight, norm.bias], dy)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_group_norm_output_dtype_is_stock_cuda_dtype():
+    """float32 under autocast (as ATen on CUDA, weight float32); the module's dtype when it is bf16."""
+    x = torch.randn(2, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert GroupNorm(8, 32)(x.bfloat16()).dtype == torch.float32
+    norm16 = GroupNorm(8, 32).bfloat16()
+    out = norm16(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), F.group_norm(x, 8), atol=2e-2, rtol=2e-2)
+
+
+def test_group_norm_under_cuda_decomposition_stays_channels_last():
+    """What torch.compile sees on a GPU, traced here with fake CUDA tensors (no GPU needed): the
+    stock decomposition copies a channels_last input and returns NCHW; ours must copy nothing and
+    return channels_last. Fake tensors are the only way to run the CUDA decomposition on this machine."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = lambda t: FakeTensor(mode, t.to("meta"), torch.device("cuda", 0))  # noqa: E731
+    norm = GroupNorm(32, 128, eps=1e-6)
+    with mode:
+        x = fake(torch.empty(8, 128, 32, 32, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last))
+        w, b = fake(norm.weight.detach()), fake(norm.bias.detach())
+
+    def traced(fn):
+        gm = make_fx(fn, decomposition_table=select_decomp_table())(x, w, b)
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        copies = [str(n.target) for n in gm.graph.nodes
+                  if n.op == "call_function" and any(k in str(n.target) for k in ("clone", "copy", "contiguous"))]
+        return (out[0] if isinstance(out, (tuple, list)) else out).meta["val"], copies
+
+    stock, stock_copies = traced(lambda x, w, b: F.group_norm(x.float(), 32, w, b, 1e-6))
+    print(f"stock: strides {stock.stride()}, copies {stock_copies}")
+    ours, our_copies = traced(lambda x, w, b: torch.func.functional_call(norm, {"weight": w, "bias": b}, (x,)))
+    assert ours.device.type == "cuda" and ours.shape == x.shape
+    assert ours.is_contiguous(memory_format=torch.channels_last), ours.stride()
+    assert our_copies == []
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_is_nearest_interpolate_exactly(channels_last):
+    x = torch.randn(2, 8, 5, 3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = upsample_nearest_2x(x)
+    assert torch.equal(y, F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    dy = torch.randn(y.shape)
+    torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0],
+                               torch.autograd.grad(F.interpolate(x, scale_factor=2.0, mode="nearest"), x, dy)[0])
 
 
 def test_bf16_autocast_forward():
@@ -231,6 +314,9 @@ def test_dynamo_traces_without_graph_breaks():
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t), model(x, t))
+        model_cl = model.to(memory_format=torch.channels_last)  # the GPU layout: our norm/upsample path
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(compiled(x_cl, t), model_cl(x_cl, t))
     torch._dynamo.reset()
 
 
