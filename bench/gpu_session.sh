@@ -6,10 +6,12 @@
 # Run from the repository root on the GPU machine. That machine has torch, accelerate and
 # tensorboard but reaches no package index, so the peers and our other dependencies come as wheels
 # in .whl/ (ignored; carried with the working tree): diffusers, ema-pytorch, denoising-diffusion-
-# pytorch, webdataset, braceexpand, simplejpeg, importlib-metadata, pytorch-fid, torchdata.
+# pytorch, webdataset, braceexpand, simplejpeg, importlib-metadata, pytorch-fid, torchdata, and for
+# ZERO2 deepspeed, hjson, pydantic, pydantic-core, annotated-types, typing-inspection (cp312 wheels).
 # SHARDS_DIR holds CIFAR-10 JPEG shards made by
 #   ddpm-shards ../shared/datasets/cifar10-jpg/train.tar SHARDS_DIR --per-class 1000 --shard-size 1000 --no-json
 # DEADLINE_S (default 450) bounds bench/train_speed.py: it skips sections that would not finish.
+# ZERO2=1 adds the one-GPU bf16 DeepSpeed ZeRO-2 train/resume/export check (about 2 min more).
 set -u
 shards=${1:?usage: bash bench/gpu_session.sh SHARDS_DIR [DEADLINE_S]}
 deadline=${2:-450}
@@ -21,3 +23,14 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 git log -1 --format='%H %s' > "$out/commit.txt" 2>/dev/null || true
 python3 bench/train_speed.py --out "$out/train_speed.jsonl" --shards "$shards" --deadline "$deadline"
+
+# Optional, ZERO2=1: the one-GPU bf16 DeepSpeed ZeRO-2 check (train 200 steps, resume to 300, export).
+if [ "${ZERO2:-0}" = 1 ]; then
+    z2=/tmp/z2gpu; rm -rf "$z2" "$z2-export"
+    args=(configs/demo.yaml "run_dir=$z2" train.deepspeed=configs/deepspeed/zero2.json train.mixed_precision=bf16
+          ckpt.every_steps=100 log.every_steps=20)
+    { timeout 240 python3 -m pipeline.train "${args[@]}" train.max_steps=200 &&
+      timeout 180 python3 -m pipeline.train "${args[@]}" train.max_steps=300 &&
+      timeout 60 python3 -m pipeline.export "$z2" "$z2-export"; } 2>&1 | tee "$out/zero2.log"
+    grep -q "resumed from .*step-00000200" "$out/zero2.log" && echo "ZERO2 resume: ok" | tee -a "$out/zero2.log"
+fi

@@ -120,15 +120,18 @@ def flops_per_image(model_fn=None, image_size=32, channels=3, device=None, batch
 
 
 def _time_steps(step, batch, steps, warm, device, params):
-    """`warm` untimed calls of `step()`, then `steps` timed ones (peak memory reset in between).
+    """`warm` untimed calls of `step()`, then `steps` timed ones.
 
+    peak_gib covers the warm-up too: with CUDA graphs the activations are allocated while the graphs
+    are recorded, and replays allocate nothing, so a peak taken over the timed steps alone would
+    show only the weights and optimizer state.
     Returns dict(img_s, step_ms, loss (of the last step), peak_gib (None off CUDA), params)."""
     dt_ = _dev_type(device)
+    if dt_ == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warm):
         step()
     _sync(device)
-    if dt_ == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step()

@@ -135,13 +135,13 @@ def _our_step_bench(cfg, batch, *, amp, compile_mode, steps, warm, device, seed,
         ema.update()
         return loss.detach()
 
+    if cuda:  # the peak covers warm-up: with CUDA graphs, activations are allocated while recording
+        torch.cuda.reset_peak_memory_stats()
     for i in range(warm):
         out = step(i)
         if record_losses:
             losses.append(float(out))
     sync(device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     with profiler:
         t0 = time.perf_counter()
         for i in range(warm, warm + steps):

@@ -46,9 +46,10 @@ parameter count):
 Performance notes: forward has no data-dependent Python control flow, no
 ``.item()`` and no host syncs, so ``torch.compile`` traces it in one graph. It
 works with channels_last inputs/weights (the attention reshapes are free views
-in that layout; GroupNorm and the upsample keep it, see ``GroupNorm``). The sinusoidal embedding is computed in float32; under bf16
-autocast the rest runs in bf16 and the output is returned as produced (bf16) --
-the loss is expected to cast to float32.
+in that layout, and GroupNorm and the upsample keep it: see ``GroupNorm``). The
+sinusoidal embedding is computed in float32; under bf16 autocast the rest runs
+in bf16 and the output is returned as produced (bf16) -- the loss is expected to
+cast to float32.
 """
 
 from __future__ import annotations
