@@ -11,7 +11,8 @@
 # SHARDS_DIR holds CIFAR-10 JPEG shards made by
 #   ddpm-shards ../shared/datasets/cifar10-jpg/train.tar SHARDS_DIR --per-class 1000 --shard-size 1000 --no-json
 # DEADLINE_S (default 450) bounds bench/train_speed.py: it skips sections that would not finish.
-# ZERO2=1 adds the one-GPU bf16 DeepSpeed ZeRO-2 train/resume/export check (about 2 min more).
+# SECTIONS=table,profile runs only those groups of train_speed.py (see its --only), e.g. to split
+# the run over two device calls. ZERO2=1 adds the one-GPU bf16 DeepSpeed ZeRO-2 train/resume/export check (about 2 min more).
 set -u
 shards=${1:?usage: bash bench/gpu_session.sh SHARDS_DIR [DEADLINE_S]}
 deadline=${2:-450}
@@ -22,7 +23,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 git log -1 --format='%H %s' > "$out/commit.txt" 2>/dev/null || true
-python3 bench/train_speed.py --out "$out/train_speed.jsonl" --shards "$shards" --deadline "$deadline"
+python3 bench/train_speed.py --out "$out/train_speed.jsonl" --shards "$shards" --deadline "$deadline" \
+    ${SECTIONS:+--only "$SECTIONS"}
 
 # Optional, ZERO2=1: the one-GPU bf16 DeepSpeed ZeRO-2 check (train 200 steps, resume to 300, export).
 if [ "${ZERO2:-0}" = 1 ]; then

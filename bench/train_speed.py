@@ -13,6 +13,7 @@ Sections, each a JSON line in --out (written as soon as measured, so a cut-off r
   match            fast path (bf16 + compile) loss over the first steps vs eager fp32, same seed
   loop             the real `pipeline.train.train` loop on JPEG shards: images/s, data wait, MFU
   profile          CUDA kernels of the timed steps only -> profile.txt, profile-shapes.txt beside --out
+  norm             GroupNorm + SiLU forward and backward alone, compiled, ours vs stock (ms per call)
 A --deadline (seconds) skips what would not finish in time, so one device call always returns.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pipeline.data import to_model_input  # noqa: E402
 from pipeline.train import build_diffusion, build_model, count_flops_per_image  # noqa: E402
 
 START = time.perf_counter()
+GROUPS = ("table", "profile", "loop", "ablation", "match", "norm", "extra")  # GPU run order
 
 
 class Recorder:
@@ -185,6 +187,35 @@ def loop_bench(cfg_path: Path, shards: str, batch: int, steps: int, workers: int
                 loss_last=[e.value for e in acc.Scalars("train/loss")][-1], wall_s=wall, steps=steps)
 
 
+def norm_bench(device, shapes, steps: int, warm: int = 3) -> dict:
+    """GroupNorm -> SiLU, forward and backward, bf16 channels_last input, compiled: ours against the
+    stock op, at the model's shapes. ms per call; the layout effect of the norm alone."""
+    from pipeline import unet
+
+    out = {}
+    for n, c, h, w in shapes:
+        for name, stock in (("ours", False), ("stock", True)):
+            torch._dynamo.reset()
+            unet.CHANNELS_LAST_OPS = not stock
+            try:
+                norm = unet.GroupNorm(32, c, eps=1e-6).to(device)
+                x = torch.randn(n, c, h, w, device=device, dtype=torch.bfloat16)
+                x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+                dy = torch.randn_like(x)
+                fn = torch.compile(lambda v: torch.nn.functional.silu(norm(v)).to(torch.bfloat16))
+                for _ in range(warm):
+                    torch.autograd.grad(fn(x), x, dy)
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    torch.autograd.grad(fn(x), x, dy)
+                sync(device)
+                out[f"{name}_{n}x{c}x{h}x{w}_ms"] = 1000 * (time.perf_counter() - t0) / steps
+            finally:
+                unet.CHANNELS_LAST_OPS = True
+    return out
+
+
 def profile_step(cfg, batch: int, compile_mode, device, out_dir: Path) -> dict:
     """Where the CUDA time of the timed steps goes (compilation and warm-up excluded): kernels in
     profile.txt, the same with input shapes (to find what a copy is copying) in profile-shapes.txt."""
@@ -211,7 +242,12 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=520, help="seconds; later sections are skipped past it")
     p.add_argument("--shards", default=None, help="JPEG shards for the loop section (dir, glob or brace pattern)")
     p.add_argument("--batches", default="128,512")
+    p.add_argument("--only", default=None,
+                   help=f"GPU run: comma-separated groups, in this order by default: {','.join(GROUPS)}")
     args = p.parse_args(argv)
+    unknown = [g for g in (args.only or "").split(",") if g and g not in GROUPS]
+    if unknown:
+        p.error(f"--only: unknown group(s) {', '.join(unknown)}; choose from {','.join(GROUPS)}")
     rec = Recorder(args.out, args.deadline)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -268,31 +304,46 @@ def main(argv=None) -> int:
         ours(b_small, "eager-bf16", True, None)
         ours(b_small, "eager-bf16", True, None, stock_ops=True)
         rec.section("profile", 15, lambda: profile_step(cfg, b_small, None, device, args.out.parent))
+        rec.section("norm", 30, lambda: norm_bench(device, [(2, 64, 8, 8)], steps=2))
         rec.section("match", 15, match)
         rec.section("loop", 20, lambda: mfu(loop_bench(REPO / loop_cfg, shards, loop_batch, loop_steps, workers,
                                                        device)), batch=loop_batch, shards=shards)
     else:
-        # Most important first: a cut-off run still answers "how do we compare with the best peer?".
         ro = "bf16+cl+compile(reduce-overhead)"
-        ours(b_small, ro, True, "reduce-overhead")
-        peer(b_small, ro)
-        ours(b_large, ro, True, "reduce-overhead")
-        peer(b_large, ro)
-        ours(b_large, ro, True, "reduce-overhead", stock_ops=True)  # what the channels_last norm is worth
-        rec.section("loop", 150, lambda: mfu(loop_bench(REPO / loop_cfg, shards, loop_batch, loop_steps, workers,
-                                                        device, compile_mode=loop_mode)),
-                    batch=loop_batch, shards=shards, compile_mode=loop_mode)
-        rec.section("match", 90, match)
-        rec.section("profile", 75, lambda: profile_step(cfg, b_large, "reduce-overhead", device, args.out.parent),
-                    batch=b_large)
-        for b in (b_small, b_large):
-            ours(b, "bf16+cl+compile", True, "default")
-            peer(b, "bf16+cl+compile")
-        for b in (b_small, b_large):
-            ours(b, "bf16+cl eager", True, None)
-            peer(b, "bf16")
-            rec.section("peer", 30, lambda: mfu(peers.bench_lucidrains(b, steps=steps, warm=warm, device=device)),
-                        peer="lucidrains", cfg="bf16-autocast", batch=b)
+
+        def table():  # the acceptance numbers: ours vs the best peer, same process
+            ours(b_small, ro, True, "reduce-overhead")
+            peer(b_small, ro)
+            ours(b_large, ro, True, "reduce-overhead")
+            peer(b_large, ro)
+
+        def extra():  # the other variants, for the full picture
+            for b in (b_small, b_large):
+                ours(b, "bf16+cl+compile", True, "default")
+                peer(b, "bf16+cl+compile")
+            for b in (b_small, b_large):
+                ours(b, "bf16+cl eager", True, None)
+                peer(b, "bf16")
+                rec.section("peer", 30, lambda: mfu(peers.bench_lucidrains(b, steps=steps, warm=warm, device=device)),
+                            peer="lucidrains", cfg="bf16-autocast", batch=b)
+
+        groups = {
+            "table": table,
+            "profile": lambda: rec.section("profile", 75, lambda: profile_step(
+                cfg, b_large, "reduce-overhead", device, args.out.parent), batch=b_large),
+            "loop": lambda: rec.section("loop", 150, lambda: mfu(loop_bench(
+                REPO / loop_cfg, shards, loop_batch, loop_steps, workers, device, compile_mode=loop_mode)),
+                batch=loop_batch, shards=shards, compile_mode=loop_mode),
+            "ablation": lambda: ours(b_large, ro, True, "reduce-overhead", stock_ops=True),
+            "match": lambda: rec.section("match", 90, match),
+            "norm": lambda: rec.section("norm", 40, lambda: norm_bench(
+                device, [(b_large, 128, 32, 32), (b_large, 256, 16, 16)], steps=20)),
+            "extra": extra,
+        }
+        assert tuple(groups) == GROUPS
+        # Most important first: a cut-off run still answers "how do we compare with the best peer?".
+        for g in args.only.split(",") if args.only else GROUPS:
+            groups[g]()
     rec.log(kind="done", elapsed_s=round(time.perf_counter() - START, 1))
     return 0
 
