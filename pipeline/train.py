@@ -114,6 +114,24 @@ class TrainResult:
     run_dir: Path
 
 
+def match_param_layout(optimizer) -> None:
+    """Give every per-parameter optimizer state tensor its parameter's strides, after a load.
+
+    Why: `load_state_dict` keeps the strides the state was saved with, and fused AdamW walks
+    parameters, gradients and state as flat memory. State saved by an NCHW run (CPU) and loaded for
+    channels_last parameters (GPU) would then be updated against the wrong entries, silently (seen
+    with the CPU fused kernel; tests/test_train.py). Gradients need nothing: autograd already gives
+    each gradient its parameter's strides.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+    for group in inner.param_groups:
+        for p in group["params"]:
+            state = inner.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def train(cfg: Config, dry_run: bool = False) -> TrainResult | None:
     """Train (or resume) the run in cfg.run_dir up to cfg.train.max_steps optimizer steps."""
     # Fail at start-up, not at step 50,000: shards must exist before the model is built.
@@ -207,6 +225,7 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
         else:
             net.load_state_dict(model_sd)
             optimizer.load_state_dict(optimizer_sd)
+            match_param_layout(optimizer)
         ema.ema_model.load_state_dict(ema_sd)
         ema.step.fill_(state["ema_step"])
         ema.initted.fill_(state["ema_step"] > 0)

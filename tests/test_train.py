@@ -148,3 +148,31 @@ def test_sample_cli_from_run_dir(tmp_path, fresh_accelerate):
     assert Image.open(tmp_path / "g0.png").size[0] > 28
     p = run_cli("pipeline.sample", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.png"))
     assert p.returncode == 2 and "Traceback" not in p.stderr and "no config.yaml" in p.stderr
+
+
+def test_loaded_optimizer_state_takes_the_parameter_layout():
+    """A CPU (NCHW) checkpoint resumed for channels_last parameters (the GPU layout): fused AdamW
+    reads state as flat memory, so without `match_param_layout` the step is silently wrong."""
+    from pipeline.train import match_param_layout
+
+    def second_step(saved_layout_differs: bool, fix: bool) -> torch.Tensor:
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last))
+        opt = torch.optim.AdamW([w], lr=1e-2, fused=True)
+        w.grad = torch.randn_like(w)
+        opt.step()
+        saved = opt.state_dict()
+        if saved_layout_differs:
+            for key in ("exp_avg", "exp_avg_sq"):
+                saved["state"][0][key] = saved["state"][0][key].contiguous()
+        opt.load_state_dict(saved)
+        if fix:
+            match_param_layout(opt)
+        assert not fix or all(opt.state[w][k].stride() == w.stride() for k in ("exp_avg", "exp_avg_sq"))
+        w.grad = torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+        opt.step()
+        return w.detach().clone()
+
+    reference = second_step(saved_layout_differs=False, fix=False)
+    assert not torch.allclose(second_step(saved_layout_differs=True, fix=False), reference)  # the hazard
+    torch.testing.assert_close(second_step(saved_layout_differs=True, fix=True), reference, rtol=0, atol=0)
