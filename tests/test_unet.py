@@ -279,6 +279,35 @@ def test_group_norm_under_cuda_decomposition_stays_channels_last():
     assert our_copies == []
 
 
+@pytest.mark.parametrize("config", ["cifar10", "lsun256"])
+def test_gpu_training_step_keeps_every_activation_channels_last(config):
+    """bench/layout_check.py traces a whole training step (forward, loss, backward) with the
+    decompositions torch.compile uses on CUDA, on meta tensors: no activation may leave channels_last
+    and no copy may change a layout. The stock ops must fail the same check, or it proves nothing.
+    Meta tensors stand in for the GPU (the check needs no values); each run is its own process
+    because it overrides the meta convolution kernel."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(*extra):
+        p = subprocess.run([sys.executable, str(repo / "bench/layout_check.py"), "--config",
+                            str(repo / f"configs/{config}.yaml"), *extra],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    ours = run()
+    assert ours["nchw_activations"] == 0 and ours["layout_copies"] == 0, ours
+    if config == "cifar10":
+        stock = run("--stock-ops")
+        print(stock)
+        assert stock["nchw_activations"] > 100 and stock["layout_copies"] > 50, stock
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_upsample_is_nearest_interpolate_exactly(channels_last):
     x = torch.randn(2, 8, 5, 3)
