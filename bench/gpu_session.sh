@@ -3,16 +3,14 @@
 #
 #   bash bench/gpu_session.sh SHARDS_DIR [DEADLINE_S]
 #
-# Run from the repository root on the GPU machine. That machine has torch, accelerate and
-# tensorboard but reaches no package index, so the peers and our other dependencies come as wheels
-# in .whl/ (ignored; carried with the working tree): diffusers, ema-pytorch, denoising-diffusion-
-# pytorch, webdataset, braceexpand, simplejpeg, importlib-metadata, pytorch-fid, torchdata, and for
-# ZERO2 deepspeed, hjson, pydantic, pydantic-core, annotated-types, typing-inspection (cp312 wheels).
-# SHARDS_DIR holds CIFAR-10 JPEG shards made by
-#   ddpm-shards ../shared/datasets/cifar10-jpg/train.tar SHARDS_DIR --per-class 1000 --shard-size 1000 --no-json
+# Run from the repository root on the GPU machine, which has torch, accelerate and tensorboard but
+# reaches no package index. `bash bench/gpu_prepare.sh` (here, with PyPI and ../shared) makes the two
+# git-ignored folders to carry: .whl/ (the peers' and our missing dependencies as wheels) and
+# .gpu/cifar/ (CIFAR-10 JPEG shards for the loop); then SHARDS_DIR is .gpu/cifar.
 # DEADLINE_S (default 450) bounds bench/train_speed.py: it skips sections that would not finish.
 # SECTIONS=table,profile runs only those groups of train_speed.py (see its --only), e.g. to split
-# the run over two device calls. ZERO2=1 adds the one-GPU bf16 DeepSpeed ZeRO-2 train/resume/export check (about 2 min more).
+# the run over two device calls. ZERO2=1 adds the one-GPU bf16 DeepSpeed ZeRO-2 train, resume and
+# export check (about 2 min more).
 set -u
 shards=${1:?usage: bash bench/gpu_session.sh SHARDS_DIR [DEADLINE_S]}
 deadline=${2:-450}
