@@ -13,7 +13,7 @@ Sections, each a JSON line in --out (written as soon as measured, so a cut-off r
   match            fast path (bf16 + compile) loss over the first steps vs eager fp32, same seed
   loop             the real `pipeline.train.train` loop on JPEG shards: images/s, data wait, MFU
   profile          CUDA kernels of the timed steps only -> profile.txt, profile-shapes.txt beside --out
-  norm             GroupNorm + SiLU forward and backward alone, compiled, ours vs stock (ms per call)
+  norm             GroupNorm + SiLU forward and backward alone, compiled: ours, a direct variant, stock (ms)
 A --deadline (seconds) skips what would not finish in time, so one device call always returns.
 """
 from __future__ import annotations
@@ -187,22 +187,35 @@ def loop_bench(cfg_path: Path, shards: str, batch: int, steps: int, workers: int
                 loss_last=[e.value for e in acc.Scalars("train/loss")][-1], wall_s=wall, steps=steps)
 
 
+def _group_norm_direct(norm, x):
+    """The alternative formulation: one var_mean over (H*W, C/G) of the (N, H*W, G, C/G) view of
+    the NHWC memory (strided reads within a group), for the micro-bench only."""
+    n, c, h, w = x.shape
+    g = norm.num_groups
+    xg = x.permute(0, 2, 3, 1).reshape(n, h * w, g, c // g).float()
+    var, mean = torch.var_mean(xg, dim=(1, 3), keepdim=True, correction=0)
+    y = ((xg - mean) * torch.rsqrt(var + norm.eps)).reshape(n, h, w, c) * norm.weight + norm.bias
+    return y.permute(0, 3, 1, 2)
+
+
 def norm_bench(device, shapes, steps: int, warm: int = 3) -> dict:
-    """GroupNorm -> SiLU, forward and backward, bf16 channels_last input, compiled: ours against the
-    stock op, at the model's shapes. ms per call; the layout effect of the norm alone."""
+    """GroupNorm -> SiLU, forward and backward, bf16 channels_last input, compiled, at the model's
+    shapes, ms per call: ours (per-channel statistics combined per group), the direct variant
+    (one strided reduction per group) and the stock op. The layout effect of the norm alone."""
     from pipeline import unet
 
     out = {}
     for n, c, h, w in shapes:
-        for name, stock in (("ours", False), ("stock", True)):
+        for name, stock in (("ours", False), ("direct", False), ("stock", True)):
             torch._dynamo.reset()
             unet.CHANNELS_LAST_OPS = not stock
             try:
                 norm = unet.GroupNorm(32, c, eps=1e-6).to(device)
+                apply = (lambda v: _group_norm_direct(norm, v)) if name == "direct" else norm
                 x = torch.randn(n, c, h, w, device=device, dtype=torch.bfloat16)
                 x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
                 dy = torch.randn_like(x)
-                fn = torch.compile(lambda v: torch.nn.functional.silu(norm(v)).to(torch.bfloat16))
+                fn = torch.compile(lambda v: torch.nn.functional.silu(apply(v)).to(torch.bfloat16))
                 for _ in range(warm):
                     torch.autograd.grad(fn(x), x, dy)
                 sync(device)

@@ -49,3 +49,19 @@ def test_fast_path_loss_matches_eager_fp32(fresh_accelerate):
         # bf16 keeps 8 mantissa bits (relative precision 2^-8 = 0.4%) per operation; 2% over a few steps.
         assert max(rel) < 2e-2, (channels_last, ref, fast)
         assert max(rel) > 0, "fast path identical to fp32: autocast did not engage"
+
+
+def test_norm_bench_direct_variant_is_group_norm():
+    """The micro-bench compares formulations of one function: the alternative must compute it."""
+    from train_speed import _group_norm_direct
+
+    from pipeline.unet import GroupNorm
+
+    norm = GroupNorm(8, 32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(2, 32, 6, 6) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    ref = torch.nn.functional.group_norm(x, 8, norm.weight, norm.bias, 1e-6)
+    torch.testing.assert_close(_group_norm_direct(norm, x), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(norm(x), ref, atol=1e-5, rtol=1e-5)
