@@ -8,8 +8,9 @@ values. Nothing here prints or writes files.
 Peers:
   - diffusers UNet2DModel with the google/ddpm-cifar10-32 config (35.7M params), the model that
     diffusers' train_unconditional.py trains; eps-objective step + AdamW + ema-pytorch update
-    (`bench_diffusers`), in the five configs of `PEER_CONFIGS`, the last being
-    torch.compile(mode="reduce-overhead") (CUDA graphs), the strongest one-flag variant;
+    (`bench_diffusers`), in the five configs of the source script, the last being
+    torch.compile(mode="reduce-overhead") (CUDA graphs), the strongest one-flag variant, plus the
+    same without channels_last (`PEER_CONFIGS`);
   - lucidrains denoising-diffusion-pytorch GaussianDiffusion(Unet(dim=128, dim_mults=(1,2,2,2))),
     its Trainer's step (bf16 autocast) without the data loader (`bench_lucidrains`).
 Also: bf16 matmul ceiling (`matmul_ceiling_tflops`) and FLOPs per image (`flops_per_image`,
@@ -39,6 +40,9 @@ PEER_CONFIGS = [
     ("bf16+cl", True, True, False),
     ("bf16+cl+compile", True, True, True),
     ("bf16+cl+compile(reduce-overhead)", True, True, "reduce-overhead"),
+    # Not in the source script. Stock GroupNorm drops channels_last on CUDA (pipeline.unet.GroupNorm),
+    # so the peer may do better without it; the best-peer comparison has to include this variant.
+    ("bf16+compile(reduce-overhead)", True, False, "reduce-overhead"),
 ]
 
 # The source script warmed compiled configs with `warm + 5` steps.
