@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import UserError
+
 # The version this writer was tested against (tests/test_export_diffusers.py): recorded in the JSON
 # files as diffusers itself records the version that wrote them.
 DIFFUSERS_VERSION = "0.42.1"
@@ -41,8 +43,8 @@ VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_large": "fixed_large",
                   "learned_range": "learned_range"}
 
 
-class ExportError(RuntimeError):
-    """A user error (config diffusers cannot hold, bad directories): one line, no traceback."""
+class ExportError(UserError):
+    """A run diffusers cannot hold (its UNet or its objective): one line that says why."""
 
 
 # ----------------------------------------------------------------------------- objective
@@ -250,3 +252,31 @@ def write(out_dir: Path, cfg, model: torch.nn.Module, ema: dict[str, torch.Tenso
         write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
         files.append(path)
     return files
+
+
+def export(run_dir: Path, out_dir: Path, card_samples: int = 16) -> Path:
+    """Write the diffusers folder and its model card for the checkpoint `RunDir` chooses in
+    `run_dir`; returns that checkpoint. Refuses before writing anything what diffusers cannot hold."""
+    from pipeline.ckpt.rundir import RunDir, check_fits
+    from pipeline.export.card import write_card
+    from pipeline.factory import build_diffusion, build_model
+
+    run = RunDir(run_dir)
+    if not run.has_config():
+        raise UserError(f"'{run_dir}' is not a run directory (no config.yaml)")
+    if Path(out_dir).resolve() == Path(run_dir).resolve():
+        raise UserError("OUT_DIR must differ from RUN_DIR")
+    cfg = run.read_config()
+    with torch.device("meta"):  # the structure only: no memory, no init
+        model = build_model(cfg)
+    betas = build_diffusion(cfg).betas
+    unet_config(cfg, model)  # refuse what diffusers cannot hold before reading any weights
+    scheduler_config(cfg, betas)
+    ckpt, weights = run.newest_weights(("ema",))
+    check_fits(model, weights["ema"], f"{ckpt}/ema.safetensors", run.config_path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_card(out_dir, cfg, ckpt=ckpt, run_dir=Path(run_dir), fmt="diffusers", ema=weights["ema"],
+               card_samples=card_samples)
+    write(out_dir, cfg, model, weights["ema"], betas, metadata={"source": str(ckpt), "weights": "ema"})
+    return ckpt
