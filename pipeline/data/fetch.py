@@ -99,7 +99,7 @@ def die_with_parent(_worker_id: int | None = None) -> None:
 
 # ----------------------------------------------------------------------------- reading
 
-def read_remote(url: str, stall_timeout_s: float) -> tuple[bytearray, str | None]:
+def read_remote(url: str, stall_timeout_s: float) -> tuple[bytes, str | None]:
     """All bytes of a gopen URL, and None, or the bytes received before a failure and one line
     saying why (the read never raises for a failed download)."""
     data_r, data_w = os.pipe()
@@ -116,7 +116,8 @@ def read_remote(url: str, stall_timeout_s: float) -> tuple[bytearray, str | None
             os._exit(code)
     os.close(data_w)
     os.close(err_w)
-    data, err = bytearray(), bytearray()
+    data: list[bytes] = []
+    err: list[bytes] = []
     stalled_guard = False
     try:
         _drain(data_r, err_r, data, err, stall_timeout_s + 30.0)  # the guard times the stream
@@ -129,11 +130,11 @@ def read_remote(url: str, stall_timeout_s: float) -> tuple[bytearray, str | None
             _kill_group(pid)
         _, status = os.waitpid(pid, 0)
     if stalled_guard:
-        return data, f"no data for {stall_timeout_s:g} s (data.stall_timeout_s); stopped"
-    return data, _verdict(url, err, status)
+        return b"".join(data), f"no data for {stall_timeout_s:g} s (data.stall_timeout_s); stopped"
+    return b"".join(data), _verdict(url, b"".join(err), status)
 
 
-def _drain(data_r: int, err_r: int, data: bytearray, err: bytearray, timeout_s: float) -> None:
+def _drain(data_r: int, err_r: int, data: list[bytes], err: list[bytes], timeout_s: float) -> None:
     """Read both pipes to EOF; TimeoutError when neither moves for `timeout_s`."""
     with selectors.DefaultSelector() as sel:
         sel.register(data_r, selectors.EVENT_READ, data)
@@ -146,7 +147,7 @@ def _drain(data_r: int, err_r: int, data: bytearray, err: bytearray, timeout_s: 
             for key, _ in ready:
                 chunk = os.read(key.fd, _CHUNK)
                 if chunk:
-                    key.data.extend(chunk)
+                    key.data.append(chunk)
                 else:
                     sel.unregister(key.fd)
                     open_fds -= 1
@@ -159,9 +160,11 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _verdict(url: str, err: bytearray, status: int) -> str | None:
+def _verdict(url: str, err: bytes, status: int) -> str | None:
     """None for a good read, else one line: the guard's verdict and the command's last words."""
-    text, _, verdict = bytes(err).rpartition(_STATUS)
+    text, found, verdict = err.rpartition(_STATUS)
+    if not found:
+        text, verdict = err, b""
     said = [line for line in text.decode(errors="replace").splitlines() if line.strip()]
     last = f": {said[-1].strip()}" if said else ""
     try:

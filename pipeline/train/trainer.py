@@ -104,7 +104,8 @@ def match_param_layout(optimizer) -> None:
 def train(cfg: Config, dry_run: bool = False) -> TrainResult | None:
     """Train (or resume) the run in cfg.run_dir up to cfg.train.max_steps optimizer steps."""
     # Fail at start-up, not at step 50,000: shards must exist before the model is built.
-    urls = resolve_urls(cfg.data.urls)
+    urls = resolve_urls(cfg.data.urls, stall_timeout_s=cfg.data.stall_timeout_s,
+                        index_commands=cfg.data.index_commands)
     rt = build_runtime(cfg)
     run_dir = Path(cfg.run_dir)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank and every run
@@ -159,7 +160,8 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
     loader = build_loader(cfg.data.urls, image_size=cfg.data.image_size, channels=cfg.data.channels,
                           micro_batch_size=tc.micro_batch_size, num_workers=cfg.data.num_workers,
                           seed=tc.seed, rank=rt.rank, world_size=rt.world_size,
-                          pin_memory=device.type == "cuda", max_bad_fraction=cfg.data.max_bad_fraction)
+                          pin_memory=device.type == "cuda", max_bad_fraction=cfg.data.max_bad_fraction,
+                          stall_timeout_s=cfg.data.stall_timeout_s, index_commands=cfg.data.index_commands)
 
     # Resume from the newest checkpoint that every rank can load, if any (rank 0 lists them).
     from accelerate.utils import broadcast_object_list
