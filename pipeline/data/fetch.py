@@ -205,6 +205,9 @@ def _guard(url: str, out_fd: int, err_fd: int, stall_timeout_s: float, parent: i
         os.killpg(0, signal.SIGKILL)  # this process included
 
     signal.signal(signal.SIGTERM, kill_all)
+    # pipeline.dist.preempt blocks the preemption signals (SIGTERM among them) in every forked child,
+    # so that only the trainer acts on them; here the parent-death signal must get through.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
     _prctl_pdeathsig(signal.SIGTERM)
     if os.getppid() != parent:
         kill_all()
