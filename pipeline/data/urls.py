@@ -57,6 +57,8 @@ def resolve_with_counts(urls, *, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_
             for url, n in _read_index(pattern, stall_timeout_s, index_commands).items():
                 out.setdefault(url, n)
             continue
+        if not fetch.is_remote(pattern):
+            pattern = fetch.local_path(pattern)  # file:///x -> /x, as gopen reads it
         if fetch.is_remote(pattern):
             found = list(braceexpand(pattern))
         elif os.path.isdir(pattern):

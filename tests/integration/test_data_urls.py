@@ -70,6 +70,9 @@ def test_gopen_schemes_are_remote_and_other_schemes_get_a_hint(tmp_path):
         assert not fetch.is_remote(url), url
     assert fetch.runs_command("pipe:cat x") and not fetch.runs_command("http://h/x.tar")
     assert fetch.local_path("file:///data/x.tar") == "/data/x.tar"
+    demo = REPO / "data/demo"
+    assert resolve_urls(f"file://{demo}/fashion-mnist-{{000000..000001}}.tar") == [
+        str(demo / "fashion-mnist-000000.tar"), str(demo / "fashion-mnist-000001.tar")]
     with pytest.raises(DataError, match=r"no s3:// scheme .* 'pipe:aws s3 cp s3://bucket/x-000000.tar -'"):
         resolve_urls("s3://bucket/x-{000000..000001}.tar")
 
