@@ -31,7 +31,7 @@ import os
 import selectors
 import signal
 import sys
-import time
+import warnings
 from urllib.parse import urlparse
 
 from webdataset.gopen import gopen, gopen_schemes
@@ -105,8 +105,12 @@ def read_remote(url: str, stall_timeout_s: float) -> tuple[bytes, str | None]:
     data_r, data_w = os.pipe()
     err_r, err_w = os.pipe()
     parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:  # the guard: nothing here may log or import (another thread may hold a lock)
+    with warnings.catch_warnings():
+        # Python >= 3.12 warns about fork() in a threaded process: the guard runs only gopen and
+        # plain os-level I/O, and never logs (the logging lock is one another thread may hold)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the guard: nothing here may log (another thread may hold the logging lock)
         code = 70
         try:
             os.close(data_r)
