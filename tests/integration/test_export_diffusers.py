@@ -17,7 +17,7 @@ from pipeline.cli import export as export_cli  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.diffusion.sampling import sample_batches  # noqa: E402
 from pipeline.export import diffusers as dexp  # noqa: E402
-from pipeline.factory import build_diffusion, build_model  # noqa: E402
+from pipeline.factory import build_diffusion  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 T = 40  # diffusion steps of the tiny run: every sampler comparison runs all of them in seconds
