@@ -58,14 +58,14 @@ def objective(cfg) -> tuple[str, str]:
 
 
 def sampler_variance(cfg) -> str:
-    """The reverse-process variance our DDPM sampler uses for `cfg`, in the config's names.
+    """The reverse-process variance our DDPM sampler uses for a run whose config names none, in
+    the config's names: the default of `Diffusion.p_sample_loop`, which `ddpm-sample` takes.
+    Today that is sigma_t^2 = beta_t (`VarianceType.BETA`), which diffusers calls fixed_large."""
+    import inspect
 
-    Until the objectives land, `Diffusion.p_sample_loop` samples with sigma_t^2 = beta_t
-    (`VarianceType.BETA`), which diffusers calls fixed_large; a run whose config names a variance
-    uses that one."""
-    from pipeline.diffusion import VarianceType
+    from pipeline.diffusion import Diffusion, VarianceType
 
-    default = VarianceType.BETA  # p_sample_loop's default, which ddpm-sample uses
+    default = VarianceType(inspect.signature(Diffusion.p_sample_loop).parameters["variance"].default)
     return {VarianceType.BETA: "fixed_large", VarianceType.BETA_TILDE: "fixed_small"}[default]
 
 
