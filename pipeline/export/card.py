@@ -9,26 +9,34 @@ shows diffusers' own.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import to_yaml
 
 METRICS = ("fid", "kid", "bpd")
-_DEMO_SHARD = re.compile(r"(^|/)fashion-mnist-0000[0-4]\.tar$|(^|/)data/demo/?$")
+_DEMO_NOTICE = "# Demo data: a Fashion-MNIST subset"  # the first line of data/demo/NOTICE.md
 DEMO_LICENSE = ("The demo data is a 2,000-image subset of the Fashion-MNIST training split "
                 "(Xiao, Rasul and Vollgraf 2017, https://github.com/zalandoresearch/fashion-mnist), "
                 "Copyright 2017 Zalando SE, under the MIT (Expat) license; see data/demo/NOTICE.md "
                 "of ddpm-pipeline.")
 
 
-def is_demo_data(urls: list[str]) -> bool:
-    """Whether every entry of `data.urls` names the embedded demo shards (data/demo/)."""
+def is_demo_data(urls: list[str], cwd: Path | None = None) -> bool:
+    """Whether every entry of `data.urls` is in a directory holding the demo data's NOTICE.md
+    (data/demo/ of this repository): a relative entry is taken from `cwd` (default: the current
+    directory, where ddpm-train usually ran)."""
     from braceexpand import braceexpand
 
+    def demo_dir(path: Path) -> bool:
+        notice = (path if path.is_dir() else path.parent) / "NOTICE.md"
+        try:
+            return notice.read_text(encoding="utf-8").startswith(_DEMO_NOTICE)
+        except OSError:
+            return False
+
     names = [u for pattern in urls for u in braceexpand(str(pattern))]
-    return bool(names) and all(_DEMO_SHARD.search(n.replace("\\", "/")) for n in names)
+    return bool(names) and all(demo_dir(Path(cwd or ".") / n) for n in names)
 
 
 def eval_results(run_dir: Path, step: int) -> dict[str, Any] | None:
