@@ -21,7 +21,11 @@ adds around it:
   kills its group on a stall or an error.)
 
 Why a fork per read and not a thread: a kill must reach the command's own children, and only a
-process group does that; gopen does not let a caller start its command in a new group.
+process group does that; gopen does not let a caller start its command in a new group. The price is
+one fork of the reading process per shard: measured 44 to 57 ms for a 1 MiB ``pipe:cat`` (5 ms for
+gopen in the process) on a 2-core machine under load 7, nearly all of it forking a process that has
+imported torch (1.3 ms for a bare Python); small against reading and decoding a shard of the usual
+100 MB and more.
 """
 from __future__ import annotations
 
