@@ -71,6 +71,22 @@ def runs_command(url: str) -> bool:
     return scheme(url) in COMMAND_SCHEMES
 
 
+# The program each of gopen's handlers runs (read from its table, so USE_AIS_FOR is honoured).
+_HANDLER_PROGRAMS = {"gopen_curl": "curl", "gopen_htgs": "curl", "gopen_hf": "curl",
+                     "gopen_gsutil": "gsutil", "gopen_ais": "ais", "gopen_pipe": "sh"}
+
+
+def missing_program(url: str) -> str | None:
+    """The program gopen would run for `url` when it is not on PATH (curl for http(s), gsutil for
+    gs, ...), else None: checked at start-up, so a missing tool is one error, not a failed shard
+    per read."""
+    import shutil
+
+    handler = gopen_schemes.get(scheme(url))
+    program = _HANDLER_PROGRAMS.get(getattr(handler, "__name__", ""))
+    return program if program and shutil.which(program) is None else None
+
+
 def local_path(url: str) -> str:
     """The file a local URL names (``file://`` stripped, as gopen does)."""
     if scheme(url) == "file":

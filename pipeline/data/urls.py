@@ -81,7 +81,21 @@ def resolve_with_counts(urls, *, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_
                                     + _scheme_hint(path))
         for url in found:
             out.setdefault(url, None)
+    _check_programs(list(out) + [p for p in map(str, patterns) if p.endswith(".json")])
     return out
+
+
+def _check_programs(urls: list[str]) -> None:
+    """One error at start-up when gopen would need a program that is not installed."""
+    seen: dict[str, str] = {}
+    for url in urls:
+        if fetch.is_remote(url):
+            seen.setdefault(fetch.scheme(url), url)
+    for scheme, url in seen.items():
+        program = fetch.missing_program(url)
+        if program:
+            raise DataError(f"data.urls: {url!r} is opened by webdataset's gopen with {program}, which is "
+                            f"not installed (not on PATH): install it, or give the shards another way")
 
 
 def _scheme_hint(path: str) -> str:

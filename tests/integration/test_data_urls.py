@@ -4,6 +4,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,9 @@ def test_gopen_schemes_are_remote_and_other_schemes_get_a_hint(tmp_path):
         str(demo / "fashion-mnist-000000.tar"), str(demo / "fashion-mnist-000001.tar")]
     with pytest.raises(DataError, match=r"no s3:// scheme .* 'pipe:aws s3 cp s3://bucket/x-000000.tar -'"):
         resolve_urls("s3://bucket/x-{000000..000001}.tar")
+    if shutil.which("ais") is None:  # gopen opens ais:// with the ais CLI: missing, one error at start-up
+        with pytest.raises(DataError, match=r"'ais://bucket/x-000000.tar' is opened .* with ais, which is not installed"):
+            resolve_urls("ais://bucket/x-{000000..000001}.tar")
 
 
 def test_a_failing_pipe_command_is_one_log_line_naming_the_shard(tmp_path, caplog, capfd):
