@@ -195,6 +195,10 @@ def scheduler_config(cfg, betas: torch.Tensor) -> dict[str, Any]:
     schedule: dict[str, Any] = {"beta_schedule": "linear", "beta_start": d.beta_start,
                                 "beta_end": d.beta_end, "trained_betas": None}
     rescaled = bool(getattr(d, "rescale_zero_terminal_snr", False))
+    if rescaled and prediction == "eps":
+        raise ExportError("diffusion.rescale_zero_terminal_snr with diffusion.prediction=eps: at zero "
+                          "terminal SNR diffusers' DDPMScheduler divides by sqrt(abar_T) = 0 to predict "
+                          "x_0; only v or x0 prediction can be shared this way")
     if d.beta_schedule == "cosine" and not rescaled:
         schedule["beta_schedule"] = "squaredcos_cap_v2"
     elif d.beta_schedule != "linear" or rescaled:
