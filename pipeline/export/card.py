@@ -72,14 +72,14 @@ def model_card(cfg, *, ckpt: Path, train_state: dict[str, Any], run_dir: Path, f
     images_seen = train_state.get("images_seen")
     demo = is_demo_data(list(d.urls))
     T = cfg.diffusion.timesteps
+    world = train_state.get("world_size", "?")
     lines = ["---"]
     if fmt == "diffusers":
         lines += ["library_name: diffusers", "pipeline_tag: unconditional-image-generation",
                   "tags:", "- ddpm", "- unconditional-image-generation", "- diffusers:DDPMPipeline"]
     else:
         lines += ["tags:", "- ddpm", "- unconditional-image-generation"]
-    if demo:
-        lines.append("license: mit")
+    # no `license:` key: the weights' license is the owner's to choose; the data's is stated below
     lines += ["---", "",
               f"# DDPM, {d.image_size}x{d.image_size}, {d.channels} channel{'s' if d.channels > 1 else ''}",
               "",
@@ -89,7 +89,7 @@ def model_card(cfg, *, ckpt: Path, train_state: dict[str, Any], run_dir: Path, f
               f"- optimizer steps: {step:,}",
               f"- images seen: {images_seen:,}" if isinstance(images_seen, int) else "- images seen: unknown",
               f"- global batch: {cfg.train.micro_batch_size} per device x {cfg.train.grad_accum_steps} "
-              f"accumulation x {train_state.get('world_size', '?')} devices",
+              f"accumulation x {world} device{'' if world == 1 else 's'}",
               f"- diffusion: T = {T}, {cfg.diffusion.beta_schedule} betas",
               "", "## Data", "",
               "Shards (`data.urls`):", ""]
