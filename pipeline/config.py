@@ -25,8 +25,15 @@ from pipeline.errors import ConfigError  # noqa: F401 (API: raised for every bad
 @dataclass
 class DataConfig:
     urls: list[str] = field(default_factory=lambda: ["data/demo/fashion-mnist-{000000..000004}.tar"])
-    """Shards: brace patterns (`x-{000000..000099}.tar`), globs, directories, http(s):// or pipe: URLs,
-    and optionally a wids index JSON (per-shard sample counts)."""
+    """Shards: brace patterns (`x-{000000..000099}.tar`), globs, directories, URLs of any scheme
+    webdataset's gopen opens (`pipe:CMD`, http(s)://, gs://, hf://, ais://, sftp://, ...), and
+    optionally a wids index JSON (per-shard sample counts)."""
+    stall_timeout_s: float = 120.0
+    """Seconds a remote read (pipe:, http(s)://, ...) may deliver no byte before it is stopped and
+    the shard counts as failed; at start-up (index, counting) too."""
+    index_commands: bool = False
+    """Allow `pipe:` entries (shell commands) in a shard index JSON. Off: an index is data that may
+    come from anywhere, so only data.urls itself may name commands."""
     image_size: int = 32
     """Training resolution in pixels; other sizes are resized (shorter side) and centre-cropped."""
     channels: int = 3
@@ -343,6 +350,7 @@ def validate(cfg: Config) -> None:
     _check(d.image_size >= 4, "data.image_size", f"must be at least 4, got {d.image_size}")
     _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _check(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", f"must be in [0, 1], got {d.max_bad_fraction}")
+    _check(d.stall_timeout_s > 0, "data.stall_timeout_s", f"must be > 0 seconds, got {d.stall_timeout_s}")
     _check(m.channels > 0, "model.channels", f"must be > 0, got {m.channels}")
     _check(len(m.channel_mult) > 0 and all(x > 0 for x in m.channel_mult), "model.channel_mult",
            f"must be a non-empty list of positive ints, got {m.channel_mult}")

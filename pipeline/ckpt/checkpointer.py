@@ -13,6 +13,11 @@ into place, then replaces `latest`, then rotates. A kill at any moment leaves ei
 checkpoint or the new one. Loading never runs code from a file: weights are safetensors, the rest
 is JSON or `torch.load(weights_only=True)`, and every rank resumes from the same checkpoint.
 
+Not `accelerate.Accelerator.save_state`: in accelerate 1.15.0 it writes each file straight into the
+target directory (checked in its checkpointing.py: no temporary directory, rename or checksum), so a
+kill mid-save leaves a half-written directory that nothing tells from a complete one;
+tests/system/test_kill.py kills saves and requires the previous checkpoint.
+
 Saving is synchronous: the loop waits while the bytes are written, fsynced and checksummed. For the
 35.7M CIFAR-10 model (572 MB with EMA and AdamW) that is about 1.3 s on an H200 host, against 0.6 s to
 write and fsync as many bytes in one go; the CRC-32 read-back is about 0.3 s of it (bench/ckpt_speed.py).

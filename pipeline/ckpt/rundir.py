@@ -64,6 +64,18 @@ class RunDir:
         return ckpt, weights
 
 
+def check_export_target(run_dir: Path, out_dir: Path) -> None:
+    """An export never writes into its own or another run directory: that run's config.yaml would be
+    replaced, and the run would then sample from the export."""
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == Path(run_dir).resolve():
+        raise UserError("OUT_DIR must differ from RUN_DIR")
+    if (out_dir / "checkpoints").exists() or (out_dir / "trainer.lock").exists() or (
+            (out_dir / "config.yaml").exists() and not (out_dir / "ema.safetensors").exists()
+            and not (out_dir / "model_index.json").exists()):
+        raise UserError(f"OUT_DIR {out_dir} is a run directory; export into a new or an export directory")
+
+
 def fp32_weights(ckpt: Path, names: tuple[str, ...] = WEIGHTS, *, deepspeed: bool = False
                  ) -> dict[str, dict[str, torch.Tensor]]:
     """{name: state dict}: whole fp32 CPU tensors from one checkpoint directory.
@@ -147,7 +159,7 @@ class RunLock:
                             f"give a run_dir you can write to") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             try:
                 holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
                 who = (f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}")
@@ -156,6 +168,10 @@ class RunLock:
             os.close(fd)
             raise UserError(f"run_dir '{self.path.parent}' is in use by another trainer ({who}); wait for it "
                             f"to end, stop it, or use another run_dir") from None
+        except OSError as e:  # e.g. Lustre mounted with noflock
+            os.close(fd)
+            raise UserError(f"cannot lock {self.path} ({e.strerror}); this filesystem does not support flock "
+                            f"(SLURM.md: NFS and Lustre); put run_dir on one that does") from None
         holder = {"host": socket.gethostname(), "pid": os.getpid(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         os.ftruncate(fd, 0)

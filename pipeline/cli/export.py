@@ -1,6 +1,6 @@
 """ddpm-export: a run's weights in a form other code loads without this pipeline's training stack.
 
-    ddpm-export RUN_DIR OUT_DIR
+    ddpm-export RUN_DIR OUT_DIR [--format native|diffusers] [--card-samples N]
 """
 from __future__ import annotations
 
@@ -20,17 +20,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "`ddpm-sample OUT_DIR` reads the result.")
     parser.add_argument("run_dir", type=Path, help="run directory (with config.yaml and checkpoints/)")
     parser.add_argument("out_dir", type=Path, help="directory to write the export into (created if needed)")
+    parser.add_argument("--format", choices=["native", "diffusers"], default="native",
+                        help="native (default): safetensors + config.yaml for ddpm-sample; diffusers: a "
+                             "folder diffusers.DDPMPipeline.from_pretrained loads (EMA weights)")
+    parser.add_argument("--card-samples", type=int, default=16,
+                        help="images drawn for the model card's samples.png when the run has no grid for "
+                             "the checkpoint's step (default 16; 0: none)")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.export.native import export
-
+    if args.card_samples < 0:
+        raise UserError("--card-samples must be >= 0")
+    if args.format == "diffusers":
+        from pipeline.export.diffusers import export
+        what = "unet/, scheduler/, model_index.json for diffusers.DDPMPipeline; EMA weights, fp32"
+    else:
+        from pipeline.export.native import export
+        what = "model.safetensors, ema.safetensors, config.yaml; fp32"
     try:
-        ckpt = export(args.run_dir, args.out_dir)
+        ckpt = export(args.run_dir, args.out_dir, card_samples=args.card_samples)
     except OSError as e:
         raise UserError(f"cannot write the export into {args.out_dir}: {e.strerror or e}") from None
-    print(f"exported {ckpt} to {args.out_dir} (model.safetensors, ema.safetensors, config.yaml; fp32)")
+    print(f"exported {ckpt} to {args.out_dir} ({what}; README.md model card)")
     return 0
 
 

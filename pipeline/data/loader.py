@@ -44,7 +44,8 @@ from pipeline.data import deal
 from pipeline.data.urls import load_shard_counts
 from pipeline.errors import DataError
 from pipeline.data.decode import decode_image
-from pipeline.data.tario import read_shard
+from pipeline.data.fetch import die_with_parent
+from pipeline.data.tario import DEFAULT_STALL_TIMEOUT_S, read_shard
 
 log = logging.getLogger("pipeline.data")
 
@@ -63,8 +64,10 @@ class ShardStream(IterableDataset):
     `state_dict`/`load_state_dict`, which `StatefulDataLoader` calls inside the worker."""
 
     def __init__(self, urls: list[str], counts: np.ndarray, *, image_size: int, channels: int,
-                 batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+                 batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S):
         self.urls, self.counts = list(urls), np.asarray(counts, dtype=np.int64)
+        self.stall_timeout_s = stall_timeout_s
         self.total = int(self.counts.sum())
         self.image_size, self.channels, self.batch_size = image_size, channels, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -124,7 +127,7 @@ class ShardStream(IterableDataset):
                     continue
                 first = max(first, end - (passed - st["pos"]))  # resuming inside: skip, no decode
                 url = self.urls[shard]
-                data = read_shard(url)
+                data = read_shard(url, self.stall_timeout_s)
                 samples = data.samples
                 lost_why = None
                 if data.problem or len(samples) < self.counts[shard]:
@@ -236,8 +239,10 @@ class BatchLoader:
         generator = torch.Generator().manual_seed(int(seed))
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch API deprecated in 2.13
             warnings.filterwarnings("ignore", message=".*set_vital.* is deprecated")
+            # die_with_parent: a SIGKILL of the trainer ends the workers (and their downloads) at once
             return StatefulDataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                      pin_memory=self.pin_memory, generator=generator)
+                                      pin_memory=self.pin_memory, generator=generator,
+                                      worker_init_fn=die_with_parent if self.num_workers else None)
 
     def __iter__(self) -> "BatchLoader":
         return self
@@ -402,7 +407,9 @@ def _stream_states(obj: Any) -> Iterator[dict]:
 
 def build_loader(urls, *, image_size: int, channels: int, micro_batch_size: int,
                  num_workers: int, seed: int, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False, max_bad_fraction: float = 0.05) -> BatchLoader:
+                 pin_memory: bool = False, max_bad_fraction: float = 0.05,
+                 stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S, index_commands: bool = False
+                 ) -> BatchLoader:
     """The endless, resumable batch stream of one rank (see the module docstring). `urls`: as
     for `resolve_urls`. Raises `DataError` at once for missing shards, for more than
     `max_bad_fraction` of the shards unreadable, or for fewer samples than streams."""
@@ -412,11 +419,13 @@ def build_loader(urls, *, image_size: int, channels: int, micro_batch_size: int,
               (num_workers >= 0, f"num_workers must be >= 0, got {num_workers}"),
               (seed >= 0, f"seed must be >= 0, got {seed}"),
               (0 <= rank < world_size, f"rank {rank} is outside world size {world_size}"),
-              (0 <= max_bad_fraction <= 1, f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")]
+              (0 <= max_bad_fraction <= 1, f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}"),
+              (stall_timeout_s > 0, f"stall_timeout_s must be > 0, got {stall_timeout_s}")]
     for ok, message in checks:
         if not ok:
             raise DataError(message)
-    urls, counts, left_out = load_shard_counts(urls, max_bad_fraction)
+    urls, counts, left_out = load_shard_counts(urls, max_bad_fraction, stall_timeout_s=stall_timeout_s,
+                                               index_commands=index_commands)
     streams = world_size * max(1, num_workers)
     if counts.sum() < streams:
         raise DataError(f"only {counts.sum()} samples for {streams} streams (world size "
@@ -427,7 +436,8 @@ def build_loader(urls, *, image_size: int, channels: int, micro_batch_size: int,
                     "shards, each reading a whole shard to use a part; make more, smaller shards",
                     usable, streams, world_size, max(1, num_workers))
     dataset = ShardStream(urls, counts, image_size=image_size, channels=channels,
-                          batch_size=micro_batch_size, seed=seed, rank=rank, world_size=world_size)
+                          batch_size=micro_batch_size, seed=seed, rank=rank, world_size=world_size,
+                          stall_timeout_s=stall_timeout_s)
     return BatchLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
                        max_bad_fraction=max_bad_fraction, failed_at_start=left_out)
 

@@ -1,8 +1,10 @@
-"""Tar shards as bytes: open local, http(s):// and pipe: urls, and index their samples.
+"""Tar shards as bytes: read a shard (`pipeline.data.fetch`), and index its samples.
 
-A shard is read whole: a local file is memory-mapped (only the pages touched are read), a remote
-one is downloaded into memory. Its 512-byte headers are parsed here rather than by `tarfile`,
-which costs more per member in Python than decoding a 32x32 JPEG does.
+A shard is read whole into memory: a local file with one read, any other URL through
+webdataset's gopen. Local files are read, not memory-mapped: a shard truncated under a running
+trainer must cost a counter, not a SIGBUS, and reading measured as fast per worker CPU-second
+(bench/data_speed.py; BENCHMARKS.md, "Reading local shards"). Its 512-byte headers are parsed here
+rather than by `tarfile`, which costs more per member in Python than decoding a 32x32 JPEG does.
 
 Samples are grouped as WebDataset groups them (its ``base_plus_ext`` and ``skip_meta`` rules):
 consecutive members with the same key, the key being the member name up to the first '.' of its
@@ -18,20 +20,15 @@ at which byte.
 
 from __future__ import annotations
 
-import http.client
-import mmap
-import os
 import re
-import subprocess
-import urllib.request
 import zlib
 from dataclasses import dataclass, field
 
+from pipeline.data import fetch
 from pipeline.data.decode import IMAGE_EXTS
 
-REMOTE_PREFIXES = ("http://", "https://", "pipe:")
-HTTP_TIMEOUT_S = 120.0
-"""Seconds without data after which an http(s) read fails (the shard then counts as failed)."""
+DEFAULT_STALL_TIMEOUT_S = 120.0
+"""Seconds a remote read may deliver no byte before it fails (data.stall_timeout_s's default)."""
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
@@ -48,51 +45,29 @@ class Shard:
     """One shard read into memory: `samples[i]` is (key, ext, offset, size, fields)."""
 
     url: str
-    data: bytes | mmap.mmap = b""
+    data: bytes = b""
     samples: list[Sample] = field(default_factory=list)
     problem: str | None = None
     """Why the shard is not (wholly) readable; None when it is intact."""
 
     def close(self) -> None:
-        if isinstance(self.data, mmap.mmap):
-            self.data.close()
         self.data = b""
 
 
-def read_shard(url: str) -> Shard:
+def read_shard(url: str, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> Shard:
     """Read and index one shard. Never raises for bad data: see `Shard.problem`."""
     try:
-        data, problem = _fetch(url)
-    except (OSError, http.client.HTTPException, ValueError) as e:
+        if fetch.is_remote(url):
+            data, problem = fetch.read_remote(url, stall_timeout_s)
+        else:
+            data, problem = fetch.read_local(fetch.local_path(url)), None
+    except (OSError, ValueError) as e:
         return Shard(url, problem=f"cannot read ({type(e).__name__}: {e})")
-    try:
-        if data[:2] == b"\x1f\x8b":
-            data, gz_problem = _gunzip(data)
-            problem = problem or gz_problem
-        members, tar_problem = list_members(data)
-    except (OSError, ValueError) as e:  # e.g. a local file that shrank under its memory map
-        members, tar_problem = [], f"cannot read ({type(e).__name__}: {e})"
+    if data[:2] == b"\x1f\x8b":
+        data, gz_problem = _gunzip(data)
+        problem = problem or gz_problem
+    members, tar_problem = list_members(data)
     return Shard(url, data, group_samples(members), problem or tar_problem)
-
-
-def _fetch(url: str) -> tuple[bytes | mmap.mmap, str | None]:
-    if url.startswith("pipe:"):
-        proc = subprocess.run(url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        if proc.returncode != 0:
-            said = proc.stderr.decode(errors="replace").strip().splitlines()
-            why = f": {said[-1]}" if said else ""
-            return proc.stdout, f"command exited with status {proc.returncode}{why}"
-        return proc.stdout, None
-    if url.startswith(("http://", "https://")):
-        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
-            try:
-                return response.read(), None
-            except http.client.IncompleteRead as e:
-                return e.partial, f"download cut after {len(e.partial)} bytes"
-    with open(url, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return b"", None
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), None
 
 
 def _gunzip(data) -> tuple[bytes, str | None]:

@@ -255,6 +255,9 @@ def write_shards(records: list[Record], out_dir: Path, name: str, *, shard_size:
         fname = f"{name}-{shard_no:06d}.tar"
         tmp = out_dir / f".{fname}.tmp"
         chunk = records[start:start + shard_size]
+        # tarfile, not webdataset.TarWriter: TarWriter writes a sample's members sorted by name
+        # (cls, json, png), which changes the bytes of the committed demo shards that
+        # data/demo/NOTICE.md promises this command reproduces (checked: fashion-mnist-000000.tar)
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i, r in enumerate(chunk):
                 key = f"{start + i:08d}"

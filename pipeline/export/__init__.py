@@ -1,1 +1,2 @@
-"""Exports: consolidated fp32 safetensors (native)."""
+"""Exports: consolidated fp32 safetensors (native), a diffusers pipeline folder (diffusers),
+and the model card both carry (card)."""

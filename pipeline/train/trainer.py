@@ -164,7 +164,8 @@ class Trainer:
         self.loader = build_loader(cfg.data.urls, image_size=cfg.data.image_size, channels=cfg.data.channels,
                                    micro_batch_size=tc.micro_batch_size, num_workers=cfg.data.num_workers,
                                    seed=tc.seed, rank=rt.rank, world_size=rt.world_size,
-                                   pin_memory=device.type == "cuda", max_bad_fraction=cfg.data.max_bad_fraction)
+                                   pin_memory=device.type == "cuda", max_bad_fraction=cfg.data.max_bad_fraction,
+                                   stall_timeout_s=cfg.data.stall_timeout_s, index_commands=cfg.data.index_commands)
         self.monitor: Monitor | None = None
         self.after_step: list[Callable[["Trainer"], None]] = []  # extensions, called after every step
         self.after_resume: list[Callable[["Trainer"], None]] = []  # called once the checkpoint (if any) loaded
@@ -407,7 +408,8 @@ class _Window:
 def train(cfg: Config, dry_run: bool = False) -> TrainResult | None:
     """Train (or resume) the run in cfg.run_dir up to cfg.train.max_steps optimizer steps."""
     # Fail at start-up, not at step 50,000: shards must exist before the model is built.
-    urls = resolve_urls(cfg.data.urls)
+    urls = resolve_urls(cfg.data.urls, stall_timeout_s=cfg.data.stall_timeout_s,
+                        index_commands=cfg.data.index_commands)
     rt = build_runtime(cfg)
     if dry_run:
         if rt.is_main:

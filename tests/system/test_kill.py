@@ -81,3 +81,12 @@ def test_a_part_registered_from_outside_round_trips_a_sigkill_resume(tmp_path):
     assert f"probe counted {steps} steps" in done.stdout
     final = torch.load(run_dir / f"checkpoints/step-{steps:08d}/rank-00000.pt", weights_only=True)
     assert final["probe"] == {"steps": steps}
+
+
+def test_fault_soak_kills_damage_and_second_trainers_end_bit_identical(tmp_path):
+    """The CI-sized fault soak; `python scripts/fault_soak.py --faults 12` is the long one."""
+    from fault_soak import soak as fault_soak
+
+    summary = fault_soak(tmp_path, faults=6, steps=60, seed=3, say=lambda s: None)
+    assert summary["problems"] == [], summary
+    assert summary["final_identical"] and summary["faults"] == 6, summary
