@@ -216,6 +216,8 @@ class Objective:
         abar = diffusion.alphas_cumprod[t]
         snr = abar / (1.0 - abar)  # 0 at a zero-terminal-SNR last step; abar < 1 always
         gamma = float(self.snr_gamma)
+        if gamma <= 0:
+            return torch.ones_like(snr)  # off
         if self.prediction is Prediction.EPS:
             return torch.clamp(gamma / snr, max=1.0)  # gamma / 0 = inf -> 1
         clipped = torch.clamp(snr, max=gamma)
