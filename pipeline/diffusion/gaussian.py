@@ -20,7 +20,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .objectives import Objective, Variance
+from pipeline.diffusion.objectives import Objective, Variance
 
 # model(x_t, t) -> the objective's prediction (eps, x0 or v; 2C channels with a learned variance);
 # t is int64 (B,).

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.diffusion import Diffusion, linear_betas
-from pipeline.objectives import Objective
-from pipeline.vlb import (bpd_terms, discretized_gaussian_log_likelihood, normal_kl, prior_bpd,
+from pipeline.diffusion.objectives import Objective
+from pipeline.diffusion.vlb import (bpd_terms, discretized_gaussian_log_likelihood, normal_kl, prior_bpd,
                           vb_term_bpd)
 
 F64 = torch.float64

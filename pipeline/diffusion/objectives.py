@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .vlb import mean_flat, vb_term_bpd
+from pipeline.diffusion.vlb import mean_flat, vb_term_bpd
 
 
 class Prediction(str, enum.Enum):

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.diffusion import Diffusion, linear_betas
-from pipeline.objectives import Objective
-from pipeline.timesteps import LossSecondMomentSampler, UniformSampler
-from pipeline.vlb import bpd_terms
+from pipeline.diffusion.objectives import Objective
+from pipeline.diffusion.timesteps import LossSecondMomentSampler, UniformSampler
+from pipeline.diffusion.vlb import bpd_terms
 
 F64 = torch.float64
 T = 50

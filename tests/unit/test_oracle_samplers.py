@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline.diffusion import Diffusion, linear_betas, rescale_zero_terminal_snr
-from pipeline.objectives import Objective
+from pipeline.diffusion.objectives import Objective
 
 F64 = torch.float64
 T = 1000
