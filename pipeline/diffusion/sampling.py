@@ -6,9 +6,13 @@ import torch
 
 @torch.no_grad()
 def sample_images(model, diffusion, num: int, channels: int, image_size: int, *, sampler: str = "ddim",
-                  steps: int = 100, seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 256,
+                  steps: int | None = None, seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 256,
                   progress: bool = False) -> torch.Tensor:
-    """`num` samples as uint8 (N, C, H, W) on the CPU; the same seed gives the same images."""
+    """`num` samples as uint8 (N, C, H, W) on the CPU; the same seed gives the same images.
+
+    `steps`: DDIM steps (None: 100), or for DDPM the respaced step count (None: all T steps). The
+    model's output is read as the diffusion's objective says (eps / x0 / v, fixed or learned variance).
+    """
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -18,10 +22,10 @@ def sample_images(model, diffusion, num: int, channels: int, image_size: int, *,
         shape = (min(batch_size, num - start), channels, image_size, image_size)
         if sampler == "ddpm":
             x = diffusion.p_sample_loop(model, shape, generator=generator, device=device, progress=progress,
-                                        clip_denoised=True)
+                                        clip_denoised=True, steps=steps)
         elif sampler == "ddim":
-            x = diffusion.ddim_sample_loop(model, shape, steps, generator=generator, device=device,
-                                           progress=progress, clip_denoised=True)
+            x = diffusion.ddim_sample_loop(model, shape, 100 if steps is None else steps, generator=generator,
+                                           device=device, progress=progress, clip_denoised=True)
         else:
             raise ValueError(f"unknown sampler '{sampler}' (use ddpm or ddim)")
         out.append(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())

@@ -21,6 +21,7 @@ from pipeline.ckpt import zero
 from pipeline.ckpt.checkpointer import CheckpointError, Checkpointer
 from pipeline.config import Config, ConfigError, flatten, from_dict, to_dict, to_yaml
 from pipeline.data import build_loader, resolve_urls, to_model_input
+from pipeline.diffusion import build_timestep_sampler
 from pipeline.factory import build_diffusion, build_model, count_flops_per_image, lr_factor
 from pipeline.monitor import Monitor, Throughput
 from pipeline.train.step import MicroBatch, optimizer_step
@@ -156,6 +157,8 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
     model, optimizer = acc.prepare(model, optimizer)
     engine = model if rt.deepspeed_config is not None else None  # the DeepSpeedEngine
     diffusion = build_diffusion(cfg).to(device)
+    # Identical on every rank: each rank updates it with the same all-gathered losses (on_losses).
+    timestep_sampler = build_timestep_sampler(cfg.diffusion.timestep_sampler, diffusion.num_timesteps)
     loader = build_loader(cfg.data.urls, image_size=cfg.data.image_size, channels=cfg.data.channels,
                           micro_batch_size=tc.micro_batch_size, num_workers=cfg.data.num_workers,
                           seed=tc.seed, rank=rt.rank, world_size=rt.world_size,
@@ -180,6 +183,7 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
             raise CheckpointError(f"{path} was written {'without' if engine is not None else 'with'} DeepSpeed; "
                                   f"train.deepspeed cannot change within a run")
         optimizer_sd = ckpt_io.read_object(path, "optimizer.pt") if engine is None else None
+        sampler_sd = ckpt_io.read_object(path, "timestep_sampler.pt") if timestep_sampler.loss_aware else None
         mine = path / ckpt_io.rank_file(rt.rank)
         same_world = state["world_size"] == rt.world_size and mine.is_file()
         rank_state = ckpt_io.read_object(path, mine.name) if same_world else None
@@ -201,6 +205,9 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
         scheduler.load_state_dict(state["scheduler"])
         restored = ["model", f"EMA (step {state['ema_step']})", "optimizer",
                     f"LR schedule (lr {scheduler.get_last_lr()[0]:.3g})"]
+        if sampler_sd is not None:
+            timestep_sampler.load_state_dict(sampler_sd)
+            restored.append("timestep sampler's loss history")
         if acc.scaler is not None and "scaler" in state:
             acc.scaler.load_state_dict(state["scaler"])
             restored.append(f"fp16 loss scale {acc.scaler.get_scale():g}")
@@ -234,8 +241,11 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
             monitor.writer.flush()
         # Under DeepSpeed the optimizer state (and fp32 masters) is the engine's sharded checkpoint,
         # written by every rank into the same temporary directory; model.safetensors is the live module.
+        objects = {"optimizer": optimizer.state_dict()} if engine is None else {}
+        if timestep_sampler.loss_aware:  # the same on every rank: written once, with the shared state
+            objects["timestep_sampler"] = timestep_sampler.state_dict()
         checkpointer.save(step, weights={"model": net.state_dict(), "ema": ema.ema_model.state_dict()},
-                          objects={"optimizer": optimizer.state_dict()} if engine is None else {},
+                          objects=objects,
                           train_state=train_state, rank_state={"rng": rng_state(), "data": loader.state_dict()},
                           collective=(lambda tmp: zero.save_engine(engine, tmp)) if engine is not None else None)
 
@@ -266,17 +276,24 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
             torch.manual_seed(derive_seed(tc.seed, step, rt.rank, micro, DROPOUT_STREAM))
             x0 = to_model_input(batch, device, random_flip=cfg.data.random_flip, generator=generator)
             x0 = x0.contiguous(memory_format=memory_format)
-            t = diffusion.sample_timesteps(x0.shape[0], device, generator=generator)
+            t, weights = timestep_sampler.sample(diffusion, x0.shape[0], device, generator=generator)
             noise = torch.randn(x0.shape, device=device, generator=generator).contiguous(memory_format=memory_format)
             meter.add(x0.shape[0] * rt.world_size, wait)
-            yield MicroBatch(x0, t, noise)
+            yield MicroBatch(x0, t, noise, weights)
+
+    def update_sampler(t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Every rank records every rank's (t, loss) in rank order, so all draw from the same weights."""
+        timestep_sampler.update(acc.gather(t).cpu(), acc.gather(losses).cpu())
+
+    on_losses = update_sampler if timestep_sampler.loss_aware else None
 
     try:
         while step < tc.max_steps:
             # One optimizer step over grad_accum_steps micro batches, fetched as the step consumes them.
             step_lr = optimizer.param_groups[0]["lr"]  # the LR this step uses, for logging
             result = optimizer_step(acc, model, net, optimizer, diffusion, micro_batches(step), accum,
-                                    cfg.optim.grad_clip, scheduler=scheduler, ema=ema, input_dtype=rt.input_dtype)
+                                    cfg.optim.grad_clip, scheduler=scheduler, ema=ema, input_dtype=rt.input_dtype,
+                                    on_losses=on_losses)
             loss_sum += result.loss
             grad_norm_sum += result.grad_norm.to(device)
             steps_in_window += 1
