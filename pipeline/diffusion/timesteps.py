@@ -102,6 +102,11 @@ class LossSecondMomentSampler:
                 self.loss_history[t, n] = loss
                 self.loss_counts[t] = n + 1
 
+    def digest(self) -> Tensor:
+        """(2,) float64 fingerprint of the state, to check cheaply that ranks agree."""
+        flat = torch.cat([self.loss_history.flatten(), self.loss_counts.double()])
+        return torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()])
+
     def state_dict(self) -> dict:
         return {"loss_history": self.loss_history.clone(), "loss_counts": self.loss_counts.clone(),
                 "history_per_term": self.history_per_term, "uniform_prob": self.uniform_prob}

@@ -243,6 +243,7 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
         # written by every rank into the same temporary directory; model.safetensors is the live module.
         objects = {"optimizer": optimizer.state_dict()} if engine is None else {}
         if timestep_sampler.loss_aware:  # the same on every rank: written once, with the shared state
+            check_same_on_every_rank(timestep_sampler)
             objects["timestep_sampler"] = timestep_sampler.state_dict()
         checkpointer.save(step, weights={"model": net.state_dict(), "ema": ema.ema_model.state_dict()},
                           objects=objects,
@@ -286,6 +287,14 @@ def _train(cfg: Config, rt: Runtime, net: UNet, urls: list[str], run_dir: Path, 
         timestep_sampler.update(acc.gather(t).cpu(), acc.gather(losses).cpu())
 
     on_losses = update_sampler if timestep_sampler.loss_aware else None
+
+    def check_same_on_every_rank(sampler) -> None:
+        """Rank 0 saves the loss history for all: a rank that drifted would resume differently."""
+        if rt.world_size == 1:
+            return
+        digest = sampler.digest().to(device)  # (2,) float64
+        if not bool((acc.gather(digest).view(-1, digest.numel()) == digest).all()):
+            raise RuntimeError(f"timestep sampler state differs between ranks at step {step}")
 
     try:
         while step < tc.max_steps:
