@@ -104,9 +104,11 @@ def bpd_terms(model, diffusion, objective, x0: Tensor, *, noise_fn: NoiseFn, cli
     t runs T-1 down to 0; for each, x_t = q_sample(x0, t, noise_fn(t, x0.shape)) and one model call.
     `noise_fn` lets a caller key the noise to (sample index, t), so that the result of an image does
     not depend on the batch it sits in or on the number of ranks. `objective` turns the model output
-    into p(x_{t-1} | x_t) (see objectives.Objective.p_mean_variance); `clip_denoised` clamps the
-    predicted x_0 to [-1, 1] first (improved-diffusion's image_nll.py default). Computed in x0.dtype.
+    into p(x_{t-1} | x_t) (see objectives.Objective.p_mean_variance; None: the diffusion's own);
+    `clip_denoised` clamps the predicted x_0 to [-1, 1] first (improved-diffusion's image_nll.py
+    default). Computed in x0.dtype.
     """
+    objective = objective if objective is not None else diffusion.objective
     B, T = x0.shape[0], diffusion.num_timesteps
     terms = x0.new_zeros(B, T)
     steps = range(T - 1, -1, -1)
