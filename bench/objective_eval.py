@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-train", action="store_true", help="evaluate the existing runs only")
+    p.add_argument("--train-only", action="store_true", help="train the arms, evaluate later")
     p.add_argument("--no-fid", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -146,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_train:
             results["arms"].setdefault(name, {})["train_s"] = train(run_dir, args.steps, extra,
                                                                      args.work / f"{run_dir.name}.log")
+    if args.train_only:
+        args.out.with_suffix(".train.json").write_text(json.dumps(results, indent=1))
+        return 0
+    if args.skip_train and args.out.with_suffix(".train.json").is_file():  # keep the training times
+        results["arms"] = json.loads(args.out.with_suffix(".train.json").read_text())["arms"]
 
     cfg0, _, _ = open_ema(args.work / "fixed_simple")
     held_out = shard_images(HELD_OUT_SHARD, args.num_bpd, cfg0.data.image_size, cfg0.data.channels)

@@ -285,3 +285,12 @@ def test_noise_fn_keys_the_noise():
     full = bpd_terms(model, d, obj, x0, noise_fn=per_sample)
     first = bpd_terms(model, d, obj, x0[:2], noise_fn=per_sample)
     torch.testing.assert_close(first.terms, full.terms[:2], rtol=0, atol=0)
+
+
+def test_objective_none_means_the_diffusions_own():
+    obj = Objective(prediction="v", variance="learned_range", loss="hybrid")
+    d = Diffusion(linear_betas(T, 1e-4, 0.2), obj)
+    x0, nf, model = images(B=2), noise_fn(), ToyModel(learned=True)
+    a = bpd_terms(model, d, None, x0, noise_fn=nf)
+    b = bpd_terms(model, d, obj, x0, noise_fn=nf)
+    assert torch.equal(a.total, b.total)
