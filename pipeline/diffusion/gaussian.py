@@ -334,11 +334,12 @@ class Diffusion:
     ) -> Tensor:
         """DDIM sampling (Song et al. 2020) over ``ddim_timesteps(steps)``.
 
-        From t to the previous kept step s (abar_s = 1 past the end):
-          x_0' = predict_x0(x_t, t, eps),
+        The kept steps' abar define the respaced process, so this is DDIM on it. From t to the previous
+        kept step s (abar_s = 1 past the end), with (eps, x_0') the objective's predictions:
           sigma = eta sqrt((1 - abar_s)/(1 - abar_t) (1 - abar_t/abar_s)),
           x_s = sqrt(abar_s) x_0' + sqrt(1 - abar_s - sigma^2) eps + sigma z.
         eta = 0 is deterministic given x_T; eta = 1 with steps = T is ancestral sampling with beta_tilde.
+        A learned variance is not used (DDIM's sigma is set by eta).
         """
         device = torch.device(device) if device is not None else self.device
         diff = self.to(device)
