@@ -11,35 +11,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
 from pipeline.ckpt.checkpointer import Checkpointer, newest_loadable, read_weights
-from pipeline.config import Config, from_dict
-from pipeline.errors import CheckpointError, ConfigError, UserError
+from pipeline.config import Config, from_dict, read_yaml_mapping
+from pipeline.errors import CheckpointError, UserError
 
 log = logging.getLogger("pipeline.checkpoint")
 
 CONFIG = "config.yaml"
 WEIGHTS = ("model", "ema")
-
-
-def read_yaml_mapping(path: Path) -> dict:
-    """The mapping in a YAML file; every way it can be unreadable is one line naming the file."""
-    if path.is_dir():
-        raise ConfigError(f"{path} is a directory, not a YAML file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text; fix or remove it") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix or remove it") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return data
 
 
 class RunDir:
