@@ -20,13 +20,13 @@ import torch
 
 from pipeline.ckpt import zero
 from pipeline.ckpt.checkpointer import step_name
-from pipeline.ckpt.rundir import RunDir
+from pipeline.ckpt.rundir import RunDir, RunLock
 from pipeline.config import Config, ConfigError, flatten, from_dict, to_dict, to_yaml
 from pipeline.data import build_loader, resolve_urls, to_model_input
 from pipeline.diffusion import build_timestep_sampler
 from pipeline.dist import preempt
 from pipeline.dist.runtime import Runtime, build_runtime, derive_seed, rng_state, seed_everything, set_rng_state
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, UserError
 from pipeline.factory import build_diffusion, build_model, build_optimizer, count_flops_per_image
 from pipeline.monitor import Monitor, Throughput
 from pipeline.train.registry import CheckpointRegistry, Kind, RankStates
@@ -55,18 +55,22 @@ class TrainResult:
     run_dir: Path
 
 
-def check_run_config(run_dir: Path, cfg: Config, is_main: bool) -> None:
-    """Save the resolved config on the first start; on a resume, refuse changes that break it."""
-    from pipeline.atomic import write_text_atomic
+def check_run_config(run_dir: Path, cfg: Config, is_main: bool) -> bool:
+    """Compare the config with the run's saved one and refuse changes that break a resume.
+
+    Returns whether the config still has to be saved: on a first start it is saved now; when
+    checkpoints exist but config.yaml does not, it is saved only once a checkpoint has loaded with
+    this config (`save_run_config`), so a wrong command never rewrites what the run had.
+    """
     from pipeline.config import read_yaml_mapping
 
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
+        if RunDir(run_dir).checkpointer().all_checkpoints():
+            return True
         if is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            # Atomic: another rank may read it at any moment and must never see half a file.
-            write_text_atomic(saved_path, to_yaml(cfg))
-        return
+            save_run_config(run_dir, cfg)
+        return False
     saved = flatten(to_dict(from_dict(read_yaml_mapping(saved_path), str(saved_path))))
     new = flatten(to_dict(cfg))
     changed = {k: (saved[k], new[k]) for k in new if saved.get(k) != new[k]}
@@ -77,6 +81,15 @@ def check_run_config(run_dir: Path, cfg: Config, is_main: bool) -> None:
                           f"on resume (use a new run_dir)")
     for k, (old, value) in changed.items():
         log.info("config change on resume: %s %r -> %r", k, old, value)
+    return False
+
+
+def save_run_config(run_dir: Path, cfg: Config) -> None:
+    from pipeline.atomic import write_text_atomic
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Atomic: another rank may read it at any moment and must never see half a file.
+    write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
 
 def matmul_peak_flops(device: torch.device) -> float | None:
@@ -157,6 +170,7 @@ class Trainer:
                                    pin_memory=device.type == "cuda", max_bad_fraction=cfg.data.max_bad_fraction)
         self.monitor: Monitor | None = None
         self.after_step: list[Callable[["Trainer"], None]] = []  # extensions, called after every step
+        self.after_resume: list[Callable[["Trainer"], None]] = []  # called once the checkpoint (if any) loaded
         self._saved_rng: dict | None = None
         self.registry = CheckpointRegistry()
         self._register_parts()
@@ -296,6 +310,8 @@ class Trainer:
         cfg, tc, rt, st = self.cfg, self.cfg.train, self.rt, self.state
         # Resume from the checkpoint to use, if any.
         self.resume()
+        for hook in self.after_resume:
+            hook(self)
         if rt.is_main:
             log.info("model %.2fM parameters; global batch %d = %d x %d accum x %d ranks; device %s; %s; "
                      "compile %s", self.n_params / 1e6, rt.global_batch_size, tc.micro_batch_size,
@@ -431,10 +447,26 @@ def train(cfg: Config, dry_run: bool = False) -> TrainResult | None:
                 print(f"# DeepSpeed ZeRO stage {rt.deepspeed_config['zero_optimization']['stage']} "
                       f"({cfg.train.deepspeed})")
         return None
-    check_run_config(Path(cfg.run_dir), cfg, rt.is_main)
-    rt.barrier()
-    trainer = Trainer(cfg, rt)
+    # One trainer per run directory: rank 0 takes the lock, and every rank stops if it could not,
+    # before anyone writes anything.
+    run_dir = Path(cfg.run_dir)
+    lock, problem = RunLock(run_dir), None
+    if rt.is_main:
+        try:
+            lock.acquire()
+        except UserError as e:
+            problem = e
+    if rt.any_rank(problem is not None):
+        raise problem or UserError(f"rank 0 could not lock run_dir '{run_dir}' (its log says why)")
     try:
-        return trainer.run()
+        save_config_later = check_run_config(run_dir, cfg, rt.is_main)
+        rt.barrier()
+        trainer = Trainer(cfg, rt)
+        if save_config_later:
+            trainer.after_resume.append(lambda t: save_run_config(run_dir, cfg) if rt.is_main else None)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        lock.release()

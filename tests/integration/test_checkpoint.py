@@ -74,12 +74,14 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
     (run / "checkpoints/step-00000002").mkdir()
     shutil.copytree(run / "checkpoints/step-00000005", run / "checkpoints/step-00000009")
     fake_save(c, 6)
-    assert entries(run) == ["latest", "step-00000005", "step-00000006", "step-00000009"]
+    # The incomplete directory is not counted, and not deleted either: it is set aside (issue 15).
+    assert entries(run) == ["corrupt", "latest", "step-00000005", "step-00000006", "step-00000009"]
+    assert (run / "checkpoints/corrupt/step-00000002").is_dir()
     assert latest_name(run) == "step-00000006"
 
     c1 = checkpointer(run, keep_last=1)
     fake_save(c1, 7)
-    assert entries(run) == ["latest", "step-00000007", "step-00000009"]
+    assert entries(run) == ["corrupt", "latest", "step-00000007", "step-00000009"]
     assert verify(run / "checkpoints/step-00000007", content=True) is None
 
 
