@@ -73,6 +73,29 @@ class DiffusionConfig:
     """beta_1 of the linear schedule."""
     beta_end: float = 0.02
     """beta_T of the linear schedule."""
+    prediction: str = "eps"
+    """What the UNet predicts: `eps` (the noise, Ho et al. 2020), `x0` (the clean image) or `v`
+    (sqrt(abar) eps - sqrt(1 - abar) x0, Salimans and Ho 2022)."""
+    variance: str = "fixed_large"
+    """Reverse-process variance: `fixed_large` (sigma^2 = beta_t, Ho et al.'s CIFAR-10 choice and what
+    the DDPM sampler always used here), `fixed_small` (beta-tilde_t) or `learned_range` (Nichol and
+    Dhariwal 2021: the UNet outputs 2C channels, the last C interpolate log sigma^2 between them;
+    needs diffusion.loss hybrid or vlb)."""
+    loss: str = "simple"
+    """`simple` (MSE of the prediction), `hybrid` (simple + hybrid_lambda * L_vlb, the mean stop-gradient
+    in L_vlb; trains a learned variance) or `vlb` (the variational bound alone)."""
+    hybrid_lambda: float = 0.001
+    """Weight of L_vlb in the hybrid loss (0.001 in Improved DDPM)."""
+    snr_gamma: float = 0.0
+    """Min-SNR-gamma loss weighting (Hang et al. 2023; 5 in the paper), per parameterisation:
+    min(SNR, gamma)/SNR for eps, min(SNR, gamma) for x0, min(SNR, gamma)/(SNR + 1) for v. 0 = off."""
+    rescale_zero_terminal_snr: bool = False
+    """Rescale the betas so that abar_T = 0 (Lin et al. 2024): x_T is pure noise, as sampling assumes.
+    Needs diffusion.prediction v (or x0): eps is undefined at zero SNR."""
+    timestep_sampler: str = "uniform"
+    """How training draws t: `uniform`, or `loss_second_moment` (Improved DDPM's importance sampling
+    by the RMS of recent per-t losses, with importance weights; for loss vlb or hybrid). Its loss
+    history is saved in checkpoints."""
 
 
 @dataclass
@@ -369,6 +392,7 @@ def validate(cfg: Config) -> None:
            f"must be 'linear' or 'cosine', got '{df.beta_schedule}'")
     _check(0.0 < df.beta_start < df.beta_end < 1.0, "diffusion.beta_start",
            f"need 0 < beta_start < beta_end < 1, got {df.beta_start} and {df.beta_end}")
+    _validate_objective(df)
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be > 0, got {o.lr}")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _check(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {o.grad_clip}")
@@ -397,6 +421,34 @@ def validate(cfg: Config) -> None:
     _check(cfg.log.num_samples >= 1, "log.num_samples", f"must be >= 1, got {cfg.log.num_samples}")
     _check(1 <= cfg.log.sample_steps <= df.timesteps, "log.sample_steps",
            f"must be in [1, diffusion.timesteps={df.timesteps}], got {cfg.log.sample_steps}")
+
+
+def _validate_objective(df: "DiffusionConfig") -> None:
+    """The objective's keys, and the combinations that make no sense (refused with one line)."""
+    choices = {"prediction": ("eps", "x0", "v"), "variance": ("fixed_small", "fixed_large", "learned_range"),
+               "loss": ("simple", "hybrid", "vlb"), "timestep_sampler": ("uniform", "loss_second_moment")}
+    for name, valid in choices.items():
+        value = getattr(df, name)
+        _check(value in valid, f"diffusion.{name}", f"must be one of {', '.join(valid)}; got '{value}'")
+    _check(df.hybrid_lambda > 0 and math.isfinite(df.hybrid_lambda), "diffusion.hybrid_lambda",
+           f"must be > 0, got {df.hybrid_lambda}")
+    _check(df.snr_gamma >= 0 and math.isfinite(df.snr_gamma), "diffusion.snr_gamma",
+           f"must be >= 0 (0 = off), got {df.snr_gamma}")
+    _check(not (df.variance == "learned_range" and df.loss == "simple"), "diffusion.variance",
+           "learned_range is never trained by diffusion.loss=simple (the MSE ignores the variance); "
+           "use diffusion.loss=hybrid (Improved DDPM) or vlb, or a fixed variance")
+    _check(not (df.loss == "hybrid" and df.variance != "learned_range"), "diffusion.loss",
+           f"hybrid adds L_vlb with the mean stop-gradient, which trains only a learned variance; with "
+           f"diffusion.variance={df.variance} use diffusion.loss=simple, or diffusion.variance=learned_range")
+    _check(not (df.snr_gamma > 0 and df.loss == "vlb"), "diffusion.snr_gamma",
+           "min-SNR weights the MSE, and diffusion.loss=vlb has none; use diffusion.loss simple or hybrid, "
+           "or diffusion.snr_gamma=0")
+    _check(not (df.timestep_sampler == "loss_second_moment" and df.loss == "simple"), "diffusion.timestep_sampler",
+           "loss_second_moment importance-samples the terms of L_vlb; use it with diffusion.loss=vlb or hybrid, "
+           "or diffusion.timestep_sampler=uniform")
+    _check(not (df.rescale_zero_terminal_snr and df.prediction == "eps"), "diffusion.rescale_zero_terminal_snr",
+           "at zero terminal SNR x_T is pure noise and eps gives no x_0 (division by sqrt(abar_T) = 0); "
+           "use diffusion.prediction=v (Lin et al. 2024) or x0")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,17 +8,27 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import Config
-from pipeline.diffusion import Diffusion, make_betas
+from pipeline.diffusion import Diffusion, Objective, make_betas, rescale_zero_terminal_snr
 from pipeline.models.unet import UNet
 
 
+def build_objective(cfg: Config) -> Objective:
+    return Objective.from_config(cfg.diffusion)
+
+
 def build_model(cfg: Config) -> UNet:
-    return UNet.from_config(cfg.model, image_size=cfg.data.image_size, channels=cfg.data.channels)
+    """The UNet; with a learned variance it outputs 2C channels (prediction, then the variance's v)."""
+    out_channels = build_objective(cfg).out_channels(cfg.data.channels)
+    return UNet.from_config(cfg.model, image_size=cfg.data.image_size, channels=cfg.data.channels,
+                            out_channels=out_channels)
 
 
 def build_diffusion(cfg: Config) -> Diffusion:
     d = cfg.diffusion
-    return Diffusion(make_betas(d.beta_schedule, d.timesteps, d.beta_start, d.beta_end))
+    betas = make_betas(d.beta_schedule, d.timesteps, d.beta_start, d.beta_end)
+    if d.rescale_zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return Diffusion(betas, build_objective(cfg))
 
 
 def lr_factor(step: int, warmup_steps: int) -> float:

@@ -1,6 +1,6 @@
 """ddpm-sample: images from the EMA weights of a run directory (or of a `ddpm-export` folder).
 
-    ddpm-sample RUN_DIR --num 64 --out grid.png [--steps 100] [--sampler ddim|ddpm] [--seed 0] [--npz x.npz]
+    ddpm-sample RUN_DIR --num 64 --out grid.png [--steps K] [--sampler ddim|ddpm] [--seed 0] [--npz x.npz]
 """
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num", type=int, default=64, help="number of images (default 64)")
     parser.add_argument("--out", type=Path, required=True, help="PNG file for the image grid")
     parser.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
-                        help="ddim (fast, --steps) or ddpm (ancestral, all T steps); default ddim")
-    parser.add_argument("--steps", type=int, default=100, help="DDIM steps (default 100)")
+                        help="ddim (deterministic, eta 0) or ddpm (ancestral); default ddim")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps K: DDIM over K of the T steps (default 100), or DDPM on the "
+                             "process respaced to K steps (default all T)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     parser.add_argument("--npz", type=Path, help="also write the images as a uint8 NHWC array ('arr_0')")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if args.npz:
         _check_writable(args.npz, "--npz")
     cfg, model, weights = open_ema(args.run_dir)
-    if not 1 <= args.steps <= cfg.diffusion.timesteps:
+    if args.steps is not None and not 1 <= args.steps <= cfg.diffusion.timesteps:
         raise UserError(f"--steps must be in [1, {cfg.diffusion.timesteps}]")
     model.to(device)
     images = sample_images(model, build_diffusion(cfg).to(device), args.num, cfg.data.channels,

@@ -12,15 +12,18 @@ is abar_{t+1}). ``alphas_cumprod_prev[0] = 1`` stands for abar_0 (no noise).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 import math
 from typing import Callable, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-# model(x_t, t) -> predicted noise eps_theta(x_t, t), shaped like x_t; t is int64 (B,).
+from pipeline.diffusion.objectives import Objective, Variance
+
+# model(x_t, t) -> the objective's prediction (eps, x0 or v; 2C channels with a learned variance);
+# t is int64 (B,).
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -32,10 +35,13 @@ class BetaSchedule(str, enum.Enum):
 
 
 class VarianceType(str, enum.Enum):
-    """Reverse-process variance sigma_t^2 used by the ancestral sampler."""
+    """A fixed reverse-process variance sigma_t^2 for the ancestral sampler, overriding the objective's."""
 
-    BETA = "beta"  # sigma_t^2 = beta_t (upper bound; exact for x_0 ~ N(0, I))
-    BETA_TILDE = "beta_tilde"  # sigma_t^2 = beta_tilde_t (lower bound; exact for a point mass)
+    BETA = "beta"  # sigma_t^2 = beta_t (upper bound; exact for x_0 ~ N(0, I)); = diffusion.variance fixed_large
+    BETA_TILDE = "beta_tilde"  # sigma_t^2 = beta_tilde_t (lower bound; exact for a point mass); = fixed_small
+
+
+_FIXED = {VarianceType.BETA: Variance.FIXED_LARGE, VarianceType.BETA_TILDE: Variance.FIXED_SMALL}
 
 
 def _parse_enum(enum_cls, value, what: str):
@@ -89,17 +95,31 @@ def make_betas(
     return cosine_betas(timesteps)
 
 
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Betas whose last abar is exactly 0 (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", Algorithm 1): sqrt(abar) is shifted so its last value is 0 and scaled so its
+    first is unchanged. The last beta becomes 1: x_T is pure noise, as the sampler assumes.
+    Predicting eps is then undefined at the last step (x_0 = (x_T - eps) / 0); use v (or x0)."""
+    s = torch.cumprod(1.0 - torch.as_tensor(betas, dtype=torch.float64), dim=0).sqrt()
+    s0, s_last = s[0].clone(), s[-1].clone()
+    s = (s - s_last) * s0 / (s0 - s_last)
+    abar = s**2
+    return 1.0 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
+
+
 # --------------------------------------------------------------------------- diffusion
 
 
 class Diffusion:
-    """Forward process q, the epsilon loss, and DDPM / DDIM samplers for a beta schedule.
+    """Forward process q, the training loss, and DDPM / DDIM samplers for a beta schedule.
 
     All schedule tensors are float64 of shape (T,). Call ``to(device)`` once so that
-    per-step gathers happen on the device of the data.
+    per-step gathers happen on the device of the data. ``objective`` says what the model predicts
+    and how its output becomes a mean and variance (default: the paper's eps with sigma^2 = beta).
     """
 
-    def __init__(self, betas: Tensor):
+    def __init__(self, betas: Tensor, objective: Optional[Objective] = None):
+        self.objective = objective if objective is not None else Objective()
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
@@ -184,18 +204,16 @@ class Diffusion:
         noise: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Tensor:
-        """The "simple" objective E_{t, x_0, eps} ||eps - eps_theta(x_t, t)||^2 (mean over all elements).
+        """The objective's training loss (default: the "simple" E ||eps - eps_theta(x_t, t)||^2, mean over
+        all elements), a scalar computed in float32 whatever the model's output dtype.
 
         t ~ Uniform and noise ~ N(0, I) are drawn with ``generator`` (t first) when not given.
-        The MSE is computed in float32 whatever the model's output dtype. Returns a scalar.
         """
         if t is None:
             t = self.sample_timesteps(x0.shape[0], x0.device, generator)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = self.q_sample(x0, t, noise)  # (B, C, H, W)
-        pred = model(x_t, t)  # (B, C, H, W)
-        return F.mse_loss(pred.float(), noise.float())
+        return self.objective.compute_loss(self, model, x0, t, noise).loss
 
     def posterior(self, x0: Tensor, xt: Tensor, t: Tensor) -> Tuple[Tensor, Tensor]:
         """Mean and variance of q(x_{t-1} | x_t, x_0).
@@ -224,30 +242,45 @@ class Diffusion:
         xt: Tensor,
         t: int,
         generator: Optional[torch.Generator] = None,
-        variance: Union[str, VarianceType] = VarianceType.BETA,
+        variance: Optional[Union[str, VarianceType]] = None,
         clip_denoised: bool = False,
     ) -> Tensor:
         """One ancestral step: sample x_{t-1} ~ p(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I).
 
-        mu_theta = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps_theta); with
-        ``clip_denoised`` the x_0 prediction is clipped to [-1, 1] and mu_theta is the
-        posterior mean given that x_0 (identical without clipping). No noise at t = 0.
+        mu_theta is the posterior mean at the objective's x_0 prediction (for eps and no clipping in
+        the paper's form 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps_theta)); with
+        ``clip_denoised`` the x_0 prediction is clipped to [-1, 1] first. sigma_t^2 is the objective's
+        (``variance`` overrides a fixed one). No noise at t = 0.
         """
-        kind = _parse_enum(VarianceType, variance, "variance")
+        objective = self._sampling_objective(variance)
         tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.int64)  # (B,)
-        eps = model(xt, tt).to(xt.dtype)  # (B, C, H, W)
-        if clip_denoised:
-            x0 = self.predict_x0(xt, tt, eps).clamp(-1.0, 1.0)
-            mean, _ = self.posterior(x0, xt, tt)
-        else:
-            mean = self._extract(self.sqrt_recip_alphas, tt, xt) * (
-                xt - self._extract(self.eps_coef, tt, xt) * eps
-            )
+        out = model(xt, tt).to(xt.dtype)  # (B, C or 2C, H, W)
+        p = objective.p_mean_variance(self, out, xt, tt, clip_denoised=clip_denoised)
         if t == 0:
-            return mean  # z = 0 at the last step
-        var = self.betas if kind is VarianceType.BETA else self.posterior_variance
+            return p.mean  # z = 0 at the last step
         z = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
-        return mean + self._extract(var, tt, xt).sqrt() * z
+        std = p.variance.sqrt() if not objective.learned_variance else torch.exp(0.5 * p.log_variance)
+        return p.mean + std * z
+
+    def _sampling_objective(self, variance: Optional[Union[str, VarianceType]]) -> Objective:
+        if variance is None:
+            return self.objective
+        kind = _parse_enum(VarianceType, variance, "variance")
+        if self.objective.learned_variance:
+            raise ValueError("this model learns its variance; do not pass a fixed variance to the sampler")
+        return dataclasses.replace(self.objective, variance=_FIXED[kind])
+
+    def respaced(self, timesteps: Tensor) -> "Diffusion":
+        """The process restricted to the increasing steps ``timesteps`` (improved-diffusion's
+        SpacedDiffusion): betas 1 - abar_k / abar_prev over the kept steps, so that q(x_k | x_0) is
+        unchanged there; a learned variance interpolates between the respaced beta and beta-tilde.
+        ``timestep_map`` (K,) gives the original index of each respaced step, for the model."""
+        keep = torch.as_tensor(timesteps, dtype=torch.int64).to(self.device)
+        abar = self.alphas_cumprod[keep]
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+        sub = Diffusion((1.0 - abar / abar_prev).cpu(), self.objective).to(self.device)
+        sub.timestep_map = keep
+        return sub
 
     @torch.no_grad()
     def p_sample_loop(
@@ -255,22 +288,28 @@ class Diffusion:
         model: EpsModel,
         shape: Tuple[int, ...],
         generator: Optional[torch.Generator] = None,
-        variance: Union[str, VarianceType] = VarianceType.BETA,
+        variance: Optional[Union[str, VarianceType]] = None,
         device: Optional[Union[str, torch.device]] = None,
         progress: bool = False,
         clip_denoised: bool = False,
         dtype: torch.dtype = torch.float32,
+        steps: Optional[int] = None,
     ) -> Tensor:
-        """Ancestral sampling (DDPM Algorithm 2): x_T ~ N(0, I), then T steps of ``p_sample``.
+        """Ancestral sampling (DDPM Algorithm 2): x_T ~ N(0, I), then ``p_sample`` steps.
 
-        Noise is drawn with ``generator`` (on ``device``; default: the schedule's device).
-        Returns x_0 of ``shape`` and ``dtype``.
+        ``steps`` K < T samples the respaced process over ``ddim_timesteps(K)`` (see ``respaced``);
+        None or T runs all T steps. Noise is drawn with ``generator`` (on ``device``; default: the
+        schedule's device). Returns x_0 of ``shape`` and ``dtype``.
         """
-        _parse_enum(VarianceType, variance, "variance")  # fail before the first model call
+        self._sampling_objective(variance)  # fail before the first model call
         device = torch.device(device) if device is not None else self.device
         diff = self.to(device)  # once, not per step
+        if steps is not None and steps != self.num_timesteps:
+            diff = diff.respaced(diff.ddim_timesteps(steps))
+            timestep_map, inner = diff.timestep_map, model
+            model = lambda x, t: inner(x, timestep_map[t])  # noqa: E731  (the model knows original steps)
         x = torch.randn(shape, generator=generator, device=device, dtype=dtype)  # x_T
-        for t in _progress(range(self.num_timesteps - 1, -1, -1), progress, "ddpm"):
+        for t in _progress(range(diff.num_timesteps - 1, -1, -1), progress, "ddpm"):
             x = diff.p_sample(model, x, t, generator, variance, clip_denoised)
         return x
 
@@ -295,11 +334,12 @@ class Diffusion:
     ) -> Tensor:
         """DDIM sampling (Song et al. 2020) over ``ddim_timesteps(steps)``.
 
-        From t to the previous kept step s (abar_s = 1 past the end):
-          x_0' = predict_x0(x_t, t, eps),
+        The kept steps' abar define the respaced process, so this is DDIM on it. From t to the previous
+        kept step s (abar_s = 1 past the end), with (eps, x_0') the objective's predictions:
           sigma = eta sqrt((1 - abar_s)/(1 - abar_t) (1 - abar_t/abar_s)),
           x_s = sqrt(abar_s) x_0' + sqrt(1 - abar_s - sigma^2) eps + sigma z.
         eta = 0 is deterministic given x_T; eta = 1 with steps = T is ancestral sampling with beta_tilde.
+        A learned variance is not used (DDIM's sigma is set by eta).
         """
         device = torch.device(device) if device is not None else self.device
         diff = self.to(device)
@@ -309,8 +349,7 @@ class Diffusion:
             tt = torch.full((shape[0],), seq[i], device=device, dtype=torch.int64)  # (B,)
             abar_t = diff.alphas_cumprod[seq[i]]
             abar_s = diff.alphas_cumprod[seq[i - 1]] if i > 0 else abar_t.new_ones(())
-            eps = model(x, tt).to(dtype)  # (B, C, H, W)
-            x0 = diff.predict_x0(x, tt, eps)
+            eps, x0 = diff.objective.eps_x0(diff, model(x, tt).to(dtype), x, tt)  # (B, C, H, W) each
             if clip_denoised:
                 x0 = x0.clamp(-1.0, 1.0)
                 eps = (x - abar_t.sqrt().to(dtype) * x0) / (1 - abar_t).sqrt().to(dtype)

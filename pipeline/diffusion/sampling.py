@@ -8,7 +8,7 @@ import torch
 
 @torch.no_grad()
 def sample_images(model, diffusion, num: int, channels: int, image_size: int, *, sampler: str = "ddim",
-                  steps: int = 100, seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 256,
+                  steps: int | None = None, seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 256,
                   progress: bool = False) -> torch.Tensor:
     """`num` samples as uint8 (N, C, H, W) on the CPU; the same seed gives the same images."""
     batches = sample_batches(model, diffusion, num, channels, image_size, sampler=sampler, steps=steps,
@@ -17,10 +17,14 @@ def sample_images(model, diffusion, num: int, channels: int, image_size: int, *,
 
 
 def sample_batches(model, diffusion, num: int, channels: int, image_size: int, *, sampler: str = "ddim",
-                   steps: int = 100, seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 256,
+                   steps: int | None = None, seed: int = 0, device: torch.device | str = "cpu", batch_size: int = 256,
                    progress: bool = False) -> Iterator[torch.Tensor]:
     """The sampler's raw output, batch by batch (float, about [-1, 1]), before `sample_images`
-    turns it into uint8: what the diffusers export is compared against."""
+    turns it into uint8: what the diffusers export is compared against.
+
+    `steps`: DDIM steps (None: 100), or for DDPM the respaced step count (None: all T steps). The
+    model's output is read as the diffusion's objective says (eps / x0 / v, fixed or learned variance).
+    """
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -29,10 +33,10 @@ def sample_batches(model, diffusion, num: int, channels: int, image_size: int, *
         shape = (min(batch_size, num - start), channels, image_size, image_size)
         if sampler == "ddpm":  # (the samplers run under no_grad themselves)
             x = diffusion.p_sample_loop(model, shape, generator=generator, device=device, progress=progress,
-                                        clip_denoised=True)
+                                        clip_denoised=True, steps=steps)
         elif sampler == "ddim":
-            x = diffusion.ddim_sample_loop(model, shape, steps, generator=generator, device=device,
-                                           progress=progress, clip_denoised=True)
+            x = diffusion.ddim_sample_loop(model, shape, 100 if steps is None else steps, generator=generator,
+                                           device=device, progress=progress, clip_denoised=True)
         else:
             raise ValueError(f"unknown sampler '{sampler}' (use ddpm or ddim)")
         yield x

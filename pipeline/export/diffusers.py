@@ -50,23 +50,10 @@ class ExportError(UserError):
 # ----------------------------------------------------------------------------- objective
 
 def objective(cfg) -> tuple[str, str]:
-    """(prediction, variance) of the run in our names. Runs from before those keys existed are the
-    paper's DDPM: eps, and the variance `ddpm-sample --sampler ddpm` uses (`sampler_variance`)."""
-    prediction = getattr(cfg.diffusion, "prediction", "eps")
-    variance = getattr(cfg.diffusion, "variance", None) or sampler_variance(cfg)
-    return prediction, variance
-
-
-def sampler_variance(cfg) -> str:
-    """The reverse-process variance our DDPM sampler uses for a run whose config names none, in
-    the config's names: the default of `Diffusion.p_sample_loop`, which `ddpm-sample` takes.
-    Today that is sigma_t^2 = beta_t (`VarianceType.BETA`), which diffusers calls fixed_large."""
-    import inspect
-
-    from pipeline.diffusion import Diffusion, VarianceType
-
-    default = VarianceType(inspect.signature(Diffusion.p_sample_loop).parameters["variance"].default)
-    return {VarianceType.BETA: "fixed_large", VarianceType.BETA_TILDE: "fixed_small"}[default]
+    """(prediction, variance) of the run in our names (the config's diffusion.prediction and
+    diffusion.variance; a config saved before those keys existed reads their defaults, eps and
+    fixed_large, which is what the sampler then did)."""
+    return cfg.diffusion.prediction, cfg.diffusion.variance
 
 
 # ----------------------------------------------------------------------------- UNet2DModel

@@ -352,17 +352,19 @@ class UNet(nn.Module):
                 f"{list(channel_mult)} are {valid}")
 
     @classmethod
-    def from_config(cls, model_cfg: Any, image_size: int, channels: int) -> "UNet":
+    def from_config(cls, model_cfg: Any, image_size: int, channels: int,
+                    out_channels: int | None = None) -> "UNet":
         """Build from any object with attributes ``channels, channel_mult, num_res_blocks,
         attention_resolutions, dropout`` (the model config).
 
         ``image_size`` and ``channels`` are the *data* image size and image channel count
-        (in = out channels); ``model_cfg.channels`` is the base width ``ch``.
+        (out channels default to ``channels``; a learned variance doubles them, see
+        pipeline.factory.build_model); ``model_cfg.channels`` is the base width ``ch``.
         """
         return cls(
             image_size=image_size,
             in_channels=channels,
-            out_channels=channels,
+            out_channels=channels if out_channels is None else out_channels,
             channels=getattr(model_cfg, "channels"),
             channel_mult=tuple(getattr(model_cfg, "channel_mult")),
             num_res_blocks=getattr(model_cfg, "num_res_blocks"),

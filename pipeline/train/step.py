@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -28,6 +28,8 @@ class MicroBatch:
     """(B,) int64 timesteps."""
     noise: torch.Tensor
     """(B, C, H, W) the eps that q_sample adds."""
+    weights: Optional[torch.Tensor] = None
+    """(B,) importance weights of the timestep sampler (None: uniform t, all 1)."""
 
 
 @dataclass
@@ -54,23 +56,36 @@ class _CastInputs(torch.nn.Module):
 
 def optimizer_step(acc, model, net: torch.nn.Module, optimizer, diffusion, micro_batches: Iterable[MicroBatch],
                    accum_steps: int, grad_clip: float, scheduler=None, ema=None,
-                   input_dtype: torch.dtype | None = None) -> StepResult:
+                   input_dtype: torch.dtype | None = None,
+                   on_losses: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> StepResult:
     """Forward and backward over `accum_steps` micro batches, then one optimizer step, then the LR
     schedule and EMA if the step was applied. `model` is what `acc.prepare` returned, `net` the
-    unwrapped module (EMA source, clipping); `grad_clip` 0 disables clipping."""
+    unwrapped module (EMA source, clipping); `grad_clip` 0 disables clipping. The loss is the
+    diffusion's objective (pipeline.diffusion.objectives). `on_losses(t, per_sample_losses)` is
+    called after each micro batch's forward, before the next micro batch is drawn (a loss-aware
+    timestep sampler learns from it)."""
     engine = getattr(acc, "deepspeed_engine_wrapped", None)
     forward = _CastInputs(model, input_dtype) if input_dtype is not None else model
+    objective = diffusion.objective
     loss_sum = None
     n = 0
+
+    def micro_loss(mb: MicroBatch) -> torch.Tensor:
+        out = objective.compute_loss(diffusion, forward, mb.x0, mb.t, mb.noise, weights=mb.weights,
+                                     per_sample=on_losses is not None)
+        if on_losses is not None:
+            on_losses(mb.t, out.per_sample)
+        return out.loss
+
     for micro, mb in enumerate(micro_batches):
         last = micro == accum_steps - 1
         if engine is not None:
             # Boundary on the last micro batch only: there the engine reduces, clips, steps, zeroes.
-            loss = diffusion.loss(forward, mb.x0, mb.t, mb.noise)
+            loss = micro_loss(mb)
             engine.backward(loss, sync_gradients=last)
         else:
             with contextlib.nullcontext() if last else acc.no_sync(model):
-                loss = diffusion.loss(forward, mb.x0, mb.t, mb.noise)
+                loss = micro_loss(mb)
                 acc.backward(loss / accum_steps)
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         n += 1

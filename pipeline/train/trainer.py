@@ -23,6 +23,7 @@ from pipeline.ckpt.checkpointer import step_name
 from pipeline.ckpt.rundir import RunDir, RunLock
 from pipeline.config import Config, ConfigError, flatten, from_dict, to_dict, to_yaml
 from pipeline.data import build_loader, resolve_urls, to_model_input
+from pipeline.diffusion import build_timestep_sampler
 from pipeline.dist import preempt
 from pipeline.dist.runtime import Runtime, build_runtime, derive_seed, rng_state, seed_everything, set_rng_state
 from pipeline.errors import CheckpointError, UserError
@@ -161,6 +162,8 @@ class Trainer:
         self.model, self.optimizer = rt.accelerator.prepare(model, self.optimizer)
         self.engine = self.model if rt.deepspeed_config is not None else None  # the DeepSpeedEngine
         self.diffusion = build_diffusion(cfg).to(device)
+        # Identical on every rank: each rank updates it with the same all-gathered losses.
+        self.timestep_sampler = build_timestep_sampler(cfg.diffusion.timestep_sampler, self.diffusion.num_timesteps)
         self.loader = build_loader(cfg.data.urls, image_size=cfg.data.image_size, channels=cfg.data.channels,
                                    micro_batch_size=tc.micro_batch_size, num_workers=cfg.data.num_workers,
                                    seed=tc.seed, rank=rt.rank, world_size=rt.world_size,
@@ -199,6 +202,10 @@ class Trainer:
         if acc.scaler is not None:
             reg.register("scaler", Kind.JSON, acc.scaler.state_dict, acc.scaler.load_state_dict, optional=True,
                          describe=lambda: f"fp16 loss scale {acc.scaler.get_scale():g}")
+        sampler = self.timestep_sampler
+        if sampler.loss_aware:  # the same on every rank (checked at each save), so written once
+            reg.register("timestep_sampler", Kind.OBJECT, sampler.state_dict, sampler.load_state_dict,
+                         describe=lambda: "timestep sampler's loss history")
         reg.register("rng", Kind.RANK, rng_state, self._load_rng, describe=self._describe_rng)
         reg.register("data", Kind.RANK, self.loader.state_dict, self._load_data, describe=self._describe_data)
 
@@ -255,9 +262,25 @@ class Trainer:
         # from it keeps them and purges later ones (Monitor's purge_step), so no gap and no repeat.
         if self.monitor is not None and self.monitor.writer is not None:
             self.monitor.writer.flush()
+        if self.timestep_sampler.loss_aware:
+            self._check_sampler_agrees()
         path = self.registry.save(self.checkpointer, self.state.step)
         self.throughput.reset()
         return path
+
+    def _check_sampler_agrees(self) -> None:
+        """Rank 0 saves the loss history for all: a rank that drifted would resume differently."""
+        if self.rt.world_size == 1:
+            return
+        digest = self.timestep_sampler.digest().to(self.device)  # (2,) float64
+        gathered = self.rt.accelerator.gather(digest).view(-1, digest.numel())
+        if not bool((gathered == digest).all()):
+            raise RuntimeError(f"timestep sampler state differs between ranks at step {self.state.step}")
+
+    def _update_sampler(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Every rank records every rank's (t, loss) in rank order, so all draw from the same weights."""
+        acc = self.rt.accelerator
+        self.timestep_sampler.update(acc.gather(t).cpu(), acc.gather(losses).cpu())
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -275,10 +298,10 @@ class Trainer:
             torch.manual_seed(derive_seed(cfg.train.seed, step, rt.rank, micro, DROPOUT_STREAM))
             x0 = to_model_input(batch, device, random_flip=cfg.data.random_flip, generator=self.generator)
             x0 = x0.contiguous(memory_format=fmt)
-            t = self.diffusion.sample_timesteps(x0.shape[0], device, generator=self.generator)
+            t, weights = self.timestep_sampler.sample(self.diffusion, x0.shape[0], device, generator=self.generator)
             noise = torch.randn(x0.shape, device=device, generator=self.generator).contiguous(memory_format=fmt)
             self.throughput.add(x0.shape[0] * rt.world_size, wait)
-            yield MicroBatch(x0, t, noise)
+            yield MicroBatch(x0, t, noise, weights)
 
     def _due(self, every_steps: int) -> bool:
         step = self.state.step
@@ -308,7 +331,8 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses, for logging
                 result = optimizer_step(rt.accelerator, self.model, self.net, self.optimizer, self.diffusion,
                                         self.micro_batches(st.step), tc.grad_accum_steps, cfg.optim.grad_clip,
-                                        scheduler=self.scheduler, ema=self.ema, input_dtype=rt.input_dtype)
+                                        scheduler=self.scheduler, ema=self.ema, input_dtype=rt.input_dtype,
+                                        on_losses=self._update_sampler if self.timestep_sampler.loss_aware else None)
                 st.step += 1
                 st.images_seen += rt.global_batch_size
                 # Scalars and the progress bar: one host sync per window, not per step.

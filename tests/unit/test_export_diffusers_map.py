@@ -48,11 +48,16 @@ def test_objectives_map_to_diffusers_names_or_are_refused():
     betas = torch.linspace(1e-4, 0.02, 10, dtype=torch.float64)
 
     def cfg(**objective):
-        return SimpleNamespace(diffusion=SimpleNamespace(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                                                         **objective))
+        from pipeline.config import DiffusionConfig
 
-    # a run from before the objective keys: eps, and the variance our DDPM sampler uses
-    assert dexp.scheduler_config(cfg(), betas)["variance_type"] == "fixed_large"
+        d = DiffusionConfig()
+        for k, v in objective.items():
+            setattr(d, k, v)
+        return SimpleNamespace(diffusion=d)
+
+    # the default objective (what a config saved before the objective keys reads): eps, fixed_large
+    got = dexp.scheduler_config(cfg(), betas)
+    assert (got["prediction_type"], got["variance_type"]) == ("epsilon", "fixed_large")
     got = dexp.scheduler_config(cfg(prediction="v", variance="learned_range"), betas)
     assert (got["prediction_type"], got["variance_type"]) == ("v_prediction", "learned_range")
     got = dexp.scheduler_config(cfg(prediction="x0", variance="fixed_small", rescale_zero_terminal_snr=True), betas)
