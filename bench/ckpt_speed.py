@@ -24,10 +24,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import checkpoint as ck  # noqa: E402
+from pipeline.ckpt import checkpointer as ck  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.runtime import rng_state  # noqa: E402
-from pipeline.train import build_model  # noqa: E402
+from pipeline.dist.runtime import rng_state  # noqa: E402
+from pipeline.factory import build_model  # noqa: E402
 
 
 def build_state(cfg, device):

@@ -46,8 +46,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.data import build_loader  # noqa: E402
-from pipeline.shards import main as ddpm_shards  # noqa: E402
+from pipeline.data.loader import build_loader  # noqa: E402
+from pipeline.cli.shards import main as ddpm_shards  # noqa: E402
 
 CIFAR_TAR = REPO.parent / "shared" / "datasets" / "cifar10-jpg" / "train.tar"
 

@@ -22,6 +22,6 @@ ls "$whl"/deepspeed-0.19.8-*.whl >/dev/null 2>&1 ||
 cifar=../shared/datasets/cifar10-jpg/train.tar
 if [ ! -d .gpu/cifar ]; then
     [ -f "$cifar" ] || { echo "$cifar not found: the shards are made from the shared CIFAR-10 JPEGs" >&2; exit 2; }
-    "$py" -m pipeline.shards "$cifar" .gpu/cifar --per-class 1000 --shard-size 1000 --no-json --seed 0
+    "$py" -m pipeline.cli.shards "$cifar" .gpu/cifar --per-class 1000 --shard-size 1000 --no-json --seed 0
 fi
 du -sh "$whl" .gpu

@@ -31,6 +31,6 @@ if [ "${ZERO2:-0}" = 1 ]; then
           ckpt.every_steps=100 log.every_steps=20)
     { timeout 240 python3 -m pipeline.train "${args[@]}" train.max_steps=200 &&
       timeout 180 python3 -m pipeline.train "${args[@]}" train.max_steps=300 &&
-      timeout 60 python3 -m pipeline.export "$z2" "$z2-export"; } 2>&1 | tee "$out/zero2.log"
+      timeout 60 python3 -m pipeline.cli.export "$z2" "$z2-export"; } 2>&1 | tee "$out/zero2.log"
     grep -q "resumed from .*step-00000200" "$out/zero2.log" && echo "ZERO2 resume: ok" | tee -a "$out/zero2.log"
 fi

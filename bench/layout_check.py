@@ -14,7 +14,7 @@ channels_last (the backward meta kernel already does). Then it counts, over the 
   layout_copies      clone/copy_ nodes on 4-D tensors whose output strides differ from the input's
 
 Prints one JSON line. `--stock-ops` uses ATen's GroupNorm and interpolate (what the model did before
-pipeline.unet.GroupNorm); the test suite checks ours gives zero of both and the stock ops do not.
+pipeline.models.unet.GroupNorm); the test suite checks ours gives zero of both and the stock ops do not.
 """
 from __future__ import annotations
 
@@ -57,9 +57,9 @@ def check(config: Path, stock_ops: bool, batch: int = 8) -> dict:
     from torch.func import functional_call
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from pipeline import unet
+    from pipeline.models import unet
     from pipeline.config import load_config
-    from pipeline.train import build_model
+    from pipeline.factory import build_model
 
     lib = _cudnn_like_meta_convolution()  # noqa: F841 - keeps the override alive
     unet.CHANNELS_LAST_OPS = not stock_ops

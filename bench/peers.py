@@ -40,7 +40,7 @@ PEER_CONFIGS = [
     ("bf16+cl", True, True, False),
     ("bf16+cl+compile", True, True, True),
     ("bf16+cl+compile(reduce-overhead)", True, True, "reduce-overhead"),
-    # Not in the source script. Stock GroupNorm drops channels_last on CUDA (pipeline.unet.GroupNorm),
+    # Not in the source script. Stock GroupNorm drops channels_last on CUDA (pipeline.models.unet.GroupNorm),
     # so the peer may do better without it; the best-peer comparison has to include this variant.
     ("bf16+compile(reduce-overhead)", True, False, "reduce-overhead"),
 ]

@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import to_model_input  # noqa: E402
-from pipeline.train import build_diffusion, build_model, count_flops_per_image  # noqa: E402
+from pipeline.data.loader import to_model_input  # noqa: E402
+from pipeline.factory import build_diffusion, build_model, count_flops_per_image  # noqa: E402
 
 START = time.perf_counter()
 GROUPS = ("table", "profile", "loop", "ablation", "match", "norm", "extra")  # GPU run order
@@ -88,7 +88,7 @@ def our_step_bench(cfg, batch: int, *, amp: bool, compile_mode, steps: int, warm
     (default: channels_last on CUDA, as the loop; a CPU test sets it to check the GPU's layout path)."""
     from ema_pytorch import EMA
 
-    from pipeline import unet
+    from pipeline.models import unet
 
     unet.CHANNELS_LAST_OPS = not stock_ops
     try:
@@ -165,7 +165,7 @@ def loop_bench(cfg_path: Path, shards: str, batch: int, steps: int, workers: int
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from pipeline.config import load_config as load
-    from pipeline.train import train
+    from pipeline.train.trainer import train
 
     run = Path(tempfile.mkdtemp(prefix="bench-loop-"))
     every = max(steps // 6, 1)
@@ -202,7 +202,7 @@ def norm_bench(device, shapes, steps: int, warm: int = 3) -> dict:
     """GroupNorm -> SiLU, forward and backward, bf16 channels_last input, compiled, at the model's
     shapes, ms per call: ours (per-channel statistics combined per group), the direct variant
     (one strided reduction per group) and the stock op. The layout effect of the norm alone."""
-    from pipeline import unet
+    from pipeline.models import unet
 
     out = {}
     for n, c, h, w in shapes:

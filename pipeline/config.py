@@ -18,11 +18,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .preempt import parse_signal
-
-
-class ConfigError(ValueError):
-    """A user error in the config: the message is one line and names the key."""
+from pipeline.dist.preempt import parse_signal
+from pipeline.errors import ConfigError  # noqa: F401 (API: raised for every bad key)
 
 
 @dataclass

@@ -184,7 +184,7 @@ def same(a, b) -> bool:
 
 def compare_checkpoints(a: Path, b: Path) -> list[str]:
     """Names of the parts that differ between two checkpoint directories (empty: identical state)."""
-    from pipeline import checkpoint as ck
+    from pipeline.ckpt import checkpointer as ck
 
     diffs = []
     for name in ("model", "ema"):
@@ -213,7 +213,7 @@ def tensorboard_steps(run_dir: Path, tag: str = "train/loss") -> list[int]:
 
 def soak(work: Path, kills: int, steps: int, procs: int, seed: int, max_delay_s: float,
          max_save_delay_s: float = 0.01, say=print) -> dict:
-    from pipeline.checkpoint import verify
+    from pipeline.ckpt.checkpointer import verify
 
     rng = random.Random(seed)
     overrides = [f"train.max_steps={steps}", "ckpt.every_steps=1", "ckpt.keep_last=2"]

@@ -1,5 +1,25 @@
-"""Shared fixtures. (Helpers: add fixtures below; keep this file small.)"""
+"""Shared fixtures. Tests are laid out like the package's layers:
+
+- tests/unit/: one module at a time, in process, seconds: `pytest -m "not slow"` runs these;
+- tests/integration/: real training runs, real multi-process accelerate (gloo), DeepSpeed, HTTP;
+- tests/system/: whole commands under faults: SIGKILL, preemption, real SLURM daemons, golden weights.
+
+Everything under integration/ and system/ is marked `slow`; CI runs all of it.
+"""
+import sys
+from pathlib import Path
+
 import pytest
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))  # the shared helpers (tiny_run, shardkit, slurm_cluster) for every layer
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        layer = Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
+        if layer in ("integration", "system"):
+            item.add_marker(pytest.mark.slow)
 
 
 def _reset_accelerate():

@@ -1,0 +1,1 @@
+"""Checkpoints: the atomic save/verify protocol, the run directory, DeepSpeed ZeRO files."""

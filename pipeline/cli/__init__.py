@@ -1,0 +1,1 @@
+"""Console scripts: thin wrappers that parse options and call the package."""

@@ -1,0 +1,1 @@
+"""Exports: consolidated fp32 safetensors (native)."""

@@ -1,0 +1,1 @@
+"""The training loop: the Trainer (owns every stateful part), its checkpoint registry, the step."""
