@@ -22,6 +22,8 @@ from torch import Tensor
 
 # model(x_t, t) -> predicted noise eps_theta(x_t, t), shaped like x_t; t is int64 (B,).
 EpsModel = Callable[[Tensor, Tensor], Tensor]
+# noise_fn(shape) -> N(0, I) of that shape; replaces `generator` in the samplers when given.
+NoiseFn = Callable[[Tuple[int, ...]], Tensor]
 
 
 class BetaSchedule(str, enum.Enum):
@@ -226,12 +228,14 @@ class Diffusion:
         generator: Optional[torch.Generator] = None,
         variance: Union[str, VarianceType] = VarianceType.BETA,
         clip_denoised: bool = False,
+        noise_fn: Optional[NoiseFn] = None,
     ) -> Tensor:
         """One ancestral step: sample x_{t-1} ~ p(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I).
 
         mu_theta = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps_theta); with
         ``clip_denoised`` the x_0 prediction is clipped to [-1, 1] and mu_theta is the
         posterior mean given that x_0 (identical without clipping). No noise at t = 0.
+        z comes from ``noise_fn(shape)`` when given, else from ``generator``.
         """
         kind = _parse_enum(VarianceType, variance, "variance")
         tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.int64)  # (B,)
@@ -246,7 +250,7 @@ class Diffusion:
         if t == 0:
             return mean  # z = 0 at the last step
         var = self.betas if kind is VarianceType.BETA else self.posterior_variance
-        z = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
+        z = _noise(noise_fn, xt.shape, generator, xt.device, xt.dtype)
         return mean + self._extract(var, tt, xt).sqrt() * z
 
     @torch.no_grad()
@@ -260,18 +264,20 @@ class Diffusion:
         progress: bool = False,
         clip_denoised: bool = False,
         dtype: torch.dtype = torch.float32,
+        noise_fn: Optional[NoiseFn] = None,
     ) -> Tensor:
         """Ancestral sampling (DDPM Algorithm 2): x_T ~ N(0, I), then T steps of ``p_sample``.
 
-        Noise is drawn with ``generator`` (on ``device``; default: the schedule's device).
+        Noise is drawn with ``generator`` (on ``device``; default: the schedule's device), or,
+        when given, by ``noise_fn(shape)`` (x_T first, then one z per step, in step order).
         Returns x_0 of ``shape`` and ``dtype``.
         """
         _parse_enum(VarianceType, variance, "variance")  # fail before the first model call
         device = torch.device(device) if device is not None else self.device
         diff = self.to(device)  # once, not per step
-        x = torch.randn(shape, generator=generator, device=device, dtype=dtype)  # x_T
+        x = _noise(noise_fn, shape, generator, device, dtype)  # x_T
         for t in _progress(range(self.num_timesteps - 1, -1, -1), progress, "ddpm"):
-            x = diff.p_sample(model, x, t, generator, variance, clip_denoised)
+            x = diff.p_sample(model, x, t, generator, variance, clip_denoised, noise_fn)
         return x
 
     def ddim_timesteps(self, steps: int) -> Tensor:
@@ -292,6 +298,7 @@ class Diffusion:
         progress: bool = False,
         clip_denoised: bool = False,
         dtype: torch.dtype = torch.float32,
+        noise_fn: Optional[NoiseFn] = None,
     ) -> Tensor:
         """DDIM sampling (Song et al. 2020) over ``ddim_timesteps(steps)``.
 
@@ -300,11 +307,13 @@ class Diffusion:
           sigma = eta sqrt((1 - abar_s)/(1 - abar_t) (1 - abar_t/abar_s)),
           x_s = sqrt(abar_s) x_0' + sqrt(1 - abar_s - sigma^2) eps + sigma z.
         eta = 0 is deterministic given x_T; eta = 1 with steps = T is ancestral sampling with beta_tilde.
+        Noise (x_T, then z per step when eta > 0) comes from ``noise_fn(shape)`` when given, else
+        from ``generator``.
         """
         device = torch.device(device) if device is not None else self.device
         diff = self.to(device)
         seq = diff.ddim_timesteps(steps).tolist()  # increasing ints
-        x = torch.randn(shape, generator=generator, device=device, dtype=dtype)  # x_T
+        x = _noise(noise_fn, shape, generator, device, dtype)  # x_T
         for i in _progress(range(len(seq) - 1, -1, -1), progress, "ddim"):
             tt = torch.full((shape[0],), seq[i], device=device, dtype=torch.int64)  # (B,)
             abar_t = diff.alphas_cumprod[seq[i]]
@@ -317,9 +326,17 @@ class Diffusion:
             sigma = eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
             x = abar_s.sqrt().to(dtype) * x0 + (1 - abar_s - sigma**2).clamp(min=0).sqrt().to(dtype) * eps
             if i > 0 and eta > 0:
-                z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+                z = _noise(noise_fn, shape, generator, device, dtype)
                 x = x + sigma.to(dtype) * z
         return x
+
+
+def _noise(noise_fn: Optional[NoiseFn], shape, generator, device, dtype) -> Tensor:
+    """N(0, I) of `shape`: from `noise_fn` (e.g. per-sample generators, pipeline.eval.noise) or
+    `generator` (the default path, unchanged)."""
+    if noise_fn is None:
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return noise_fn(tuple(shape)).to(device=device, dtype=dtype)
 
 
 def _progress(it, enabled: bool, desc: str):
