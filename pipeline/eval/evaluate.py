@@ -71,12 +71,12 @@ class EvalOptions:
             raise ConfigError(f"--sampler must be ddim or ddpm, got {self.sampler!r}")
         if timesteps is not None and not 1 <= self.steps <= timesteps:
             raise ConfigError(f"--steps must be in [1, diffusion.timesteps={timesteps}], got {self.steps}")
-        if not self.data:
-            raise ConfigError("--data: give the reference shards (no run config to take data.urls from)")
         if "bpd" in self.metrics and not has_model:
             raise ConfigError("--metrics bpd needs a model: give a RUN_DIR or EXPORT_DIR")
         if self.samples is None and not has_model and set(self.metrics) & {"fid", "kid"}:
             raise ConfigError("give a RUN_DIR or EXPORT_DIR to sample from, or --samples")
+        if not self.data:
+            raise ConfigError("--data: give the reference shards (no run config to take data.urls from)")
         if self.samples is not None and not self.samples.exists():
             raise ConfigError(f"--samples '{self.samples}' does not exist")
         if self.save_samples is not None and self.save_samples.suffix != ".npz":
