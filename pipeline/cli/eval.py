@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> dict:
     model = diffusion = bpd_fn = None
     provenance: dict = {}
     if cfg is not None and (opts.samples is None or "bpd" in opts.metrics):
-        model, diffusion, bpd_fn, provenance = load_model(args.run_dir, device)
+        model, diffusion, bpd_fn, provenance = load_model(args.run_dir, device, "bpd" in opts.metrics)
     result = evaluation.run(model, diffusion, bpd_fn, provenance)
     if state.is_main_process and args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -105,10 +105,11 @@ def run(args: argparse.Namespace) -> dict:
     return result if state.is_main_process else {}
 
 
-def load_model(run_dir: Path, device: torch.device):
+def load_model(run_dir: Path, device: torch.device, with_bpd: bool):
     """(EMA model, diffusion, bits/dim function, provenance) from the checkpoint RunDir picks (or
     an export directory's ema.safetensors)."""
     from pipeline.ckpt.checkpointer import read_train_state
+    from pipeline.eval.bpd import make_bpd_fn
     from pipeline.ckpt.rundir import open_ema
     from pipeline.factory import build_diffusion
 
@@ -118,18 +119,7 @@ def load_model(run_dir: Path, device: torch.device):
     provenance = {"checkpoint": str(weights), "step": None}
     if (weights.parent / "train_state.json").is_file():  # a checkpoint's; an export has none
         provenance["step"] = int(read_train_state(weights.parent)["step"])
-    return model, diffusion, make_bpd_fn(model, diffusion, cfg), provenance
-
-
-def make_bpd_fn(model, diffusion, cfg):
-    """The bits/dim terms of a batch: `pipeline.diffusion.vlb.bpd_terms` with this model."""
-
-    def bpd_fn(x0, noise_fn):
-        from pipeline.diffusion.vlb import bpd_terms  # lands with the objectives work
-
-        return bpd_terms(model, diffusion, None, x0, noise_fn=noise_fn, clip_denoised=True)
-
-    return bpd_fn
+    return model, diffusion, make_bpd_fn(model, diffusion, cfg) if with_bpd else None, provenance
 
 
 def summary(result: dict) -> str:

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.eval.noise import BPD, IndexedNoise
 
 # (x0 (B, C, H, W) in [-1, 1], noise_fn) -> object with prior (B,), terms (B, T), total (B,) in bits/dim
@@ -71,3 +72,18 @@ def bpd_report(rows: np.ndarray) -> dict:
         report[f"kl_q{q}"] = float(kl[:, quarter == q].sum(axis=1).mean())
     report["terms_mean"] = terms.mean(axis=0).tolist()
     return report
+
+
+def make_bpd_fn(model, diffusion, cfg) -> BpdFn:
+    """The bits/dim terms of a batch with this model: `pipeline.diffusion.vlb.bpd_terms`, with the
+    predicted x_0 clipped to [-1, 1] as improved-diffusion's image_nll.py does by default."""
+    try:
+        from pipeline.diffusion.vlb import bpd_terms
+    except ImportError:  # the term math lands with the objectives work
+        raise ConfigError("bpd: this version has no pipeline.diffusion.vlb (the bits/dim terms); "
+                          "evaluate fid,kid only") from None
+
+    def bpd_fn(x0: torch.Tensor, noise_fn) -> object:
+        return bpd_terms(model, diffusion, None, x0, noise_fn=noise_fn, clip_denoised=True)
+
+    return bpd_fn
