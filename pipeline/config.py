@@ -211,7 +211,10 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, str):
             text = value.strip()
             # Accept `[1,2,2]`, `1,2,2` and a single item on the command line.
-            value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+            try:
+                value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v.strip()]
+            except yaml.YAMLError:
+                raise ConfigError(f"{key}: {text!r} is not a valid YAML list (e.g. [1,2,2])") from None
         if isinstance(value, tuple):
             value = list(value)
         if not isinstance(value, list):
@@ -276,7 +279,11 @@ def _override(cfg: Config, item: str) -> None:
     key = key.strip()
     if key not in all_keys():
         raise ConfigError(f"command line: unknown key '{key}'; did you mean '{_nearest(key)}'?")
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"command line: {key}={text!r} is not a valid YAML value "
+                          f"({' '.join(str(e).split())[:80]}); quote it or fix the brackets") from None
     *parents, leaf = key.split(".")
     target = cfg
     for p in parents:
@@ -284,18 +291,33 @@ def _override(cfg: Config, item: str) -> None:
     setattr(target, leaf, _coerce(value, get_type_hints(type(target))[leaf], key))
 
 
+def read_yaml_mapping(path: Path) -> dict:
+    """The mapping in a YAML file; every way it can be unreadable is one line naming the file."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; fix or remove it") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix or remove it") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then `key.sub=value` overrides; validated."""
     cfg = Config()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        _apply(cfg, data, "", str(path))
+        _apply(cfg, read_yaml_mapping(path), "", str(path))
     for item in overrides:
         _override(cfg, item)
     validate(cfg)

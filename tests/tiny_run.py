@@ -13,13 +13,47 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 
+# configs/demo.yaml shrunk: an 8-channel two-level UNet on the demo shards, one worker, no sample
+# grids. The one list every test's tiny run starts from.
+TINY = [f"data.urls={REPO / 'data/demo'}", "data.num_workers=1", "model.channels=8", "model.channel_mult=[1,2]",
+        "model.attention_resolutions=[14]", "train.micro_batch_size=16", "log.sample_every_steps=0"]
+
+
+def tiny_cfg(run_dir, *overrides):
+    """The tiny run as a Config, for in-process tests: warm-up 10, scalars every 5 steps."""
+    from pipeline.config import load_config
+
+    return load_config(REPO / "configs/demo.yaml", [
+        f"run_dir={run_dir}", *TINY, "optim.warmup_steps=10", "log.every_steps=5",
+        "log.num_samples=4", "log.sample_steps=5", *overrides])
+
+
 def tiny_overrides(run_dir: Path, max_steps: int, *extra: str) -> list[str]:
-    """configs/demo.yaml shrunk: a 8-channel two-level UNet on the demo shards, progress every 2 steps,
-    no sample grids, no checkpoints but the final one (and a stop's)."""
-    return [f"run_dir={run_dir}", f"data.urls={REPO / 'data/demo'}", "data.num_workers=1",
-            "model.channels=8", "model.channel_mult=[1,2]", "model.attention_resolutions=[14]",
-            "train.micro_batch_size=16", "log.every_steps=2", "log.sample_every_steps=0",
-            f"train.max_steps={max_steps}", "ckpt.every_steps=1000", "ckpt.keep_last=5", *extra]
+    """The tiny run as command-line overrides: progress every 2 steps, no checkpoints but the final
+    one (and a stop's)."""
+    return [f"run_dir={run_dir}", *TINY, "log.every_steps=2", f"train.max_steps={max_steps}",
+            "ckpt.every_steps=1000", "ckpt.keep_last=5", *extra]
+
+
+def scalars(run_dir, tag):
+    """(step, value) of a TensorBoard scalar, read back from the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def weights(ckpt_dir, name):
+    return load_file(Path(ckpt_dir) / f"{name}.safetensors")
+
+
+def run_cli(*args, cwd=REPO, timeout=300):
+    """`python -m MODULE ARGS` in a fresh interpreter (what a console script runs)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 _BAR = re.compile(r"\|\s*(\d+)/(\d+) \[")  # tqdm's "| 6/40 [" on rank 0's stderr

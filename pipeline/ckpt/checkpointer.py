@@ -40,6 +40,9 @@ log = logging.getLogger("pipeline.checkpoint")
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
+CORRUPT = "corrupt"  # checkpoints that failed verification, set aside (never deleted)
+SUBDIR_ZERO = "deepspeed"  # a DeepSpeed engine's own files (pipeline.ckpt.zero)
+BASE_FILES = ("model.safetensors", "ema.safetensors", "train_state.json")  # every checkpoint has these
 _CHUNK_BYTES = 16 << 20
 
 
@@ -102,6 +105,19 @@ def _state_to_cpu(sd: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def _why(e: Exception, where: Path) -> str:
+    """An OS error as the user needs it: a full disk or a permission problem says so."""
+    import errno
+
+    code = getattr(e, "errno", None)
+    text = str(e)
+    if code == errno.ENOSPC or "No space left" in text or "unexpected pos" in text:
+        return f"the disk holding {where} is full (free space, or lower ckpt.keep_last)"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"no permission to write in {where} ({e.strerror})"
+    return f"{type(e).__name__}: {getattr(e, 'strerror', None) or text.splitlines()[0] if text else ''}"
+
+
 def _single_process_agree(ok: bool) -> bool:
     return ok
 
@@ -127,6 +143,7 @@ class Checkpointer:
         self.barrier = barrier
         self.agree = agree
         self.share = share
+        self._good: set[tuple[str, int]] = set()
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -140,58 +157,120 @@ class Checkpointer:
         rank_state: this rank's RNG and data position, by every rank.
         collective(tmp_dir): called by every rank at the same point (e.g. the DeepSpeed engine's
             sharded save); what it writes under tmp_dir becomes part of the checkpoint and its MANIFEST.
+
+        A write that fails on any rank (a full disk, a vanished directory) fails the save on every
+        rank: the partial checkpoint is removed, the previous one stays the one to use, and every
+        rank raises CheckpointError with the reason.
         """
         final = self.dir / step_name(step)
         tmp = self.dir / f".tmp-{step_name(step)}"
+        problem = None
         if self.rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a save that was killed
-            tmp.mkdir()
-        self.barrier()
-        # Each writer fsyncs its own files, so that after the barrier they are durable on any
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # left by a save that was killed
+                tmp.mkdir()
+            except OSError as e:
+                problem = _why(e, self.dir)
+        if not self.agree(problem is None):
+            self._fail(tmp, step, problem)
+        # Each writer fsyncs its own files, so that after the agreement they are durable on any
         # filesystem the ranks share.
-        torch.save(rank_state, tmp / rank_file(self.rank))
-        _fsync_file(tmp / rank_file(self.rank))
-        if collective is not None:
-            collective(tmp)
+        try:
+            torch.save(rank_state, tmp / rank_file(self.rank))
+            _fsync_file(tmp / rank_file(self.rank))
+            if collective is not None:
+                collective(tmp)
+            if self.rank == 0:
+                for name, sd in weights.items():
+                    save_file(_state_to_cpu(sd), tmp / f"{name}.safetensors")
+                    _fsync_file(tmp / f"{name}.safetensors")
+                for name, obj in objects.items():
+                    torch.save(obj, tmp / f"{name}.pt")
+                    _fsync_file(tmp / f"{name}.pt")
+                write_text_atomic(tmp / "train_state.json", json.dumps(train_state, indent=1))
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+            problem = _why(e, tmp)
+        if not self.agree(problem is None):
+            self._fail(tmp, step, problem)
         if self.rank == 0:
-            for name, sd in weights.items():
-                save_file(_state_to_cpu(sd), tmp / f"{name}.safetensors")
-                _fsync_file(tmp / f"{name}.safetensors")
-            for name, obj in objects.items():
-                torch.save(obj, tmp / f"{name}.pt")
-                _fsync_file(tmp / f"{name}.pt")
-            write_text_atomic(tmp / "train_state.json", json.dumps(train_state, indent=1))
-        self.barrier()
+            try:
+                # Subdirectories too (a DeepSpeed engine's files), named by their path inside the checkpoint.
+                files = sorted(p for p in tmp.rglob("*") if p.is_file() and not p.name.startswith("."))
+                required = sorted({*(f"{n}.safetensors" for n in weights), *(f"{n}.pt" for n in objects),
+                                   "train_state.json", *(rank_file(r) for r in range(self.world_size))})
+                manifest = {"step": step, "world_size": self.world_size,
+                            "files": {p.relative_to(tmp).as_posix(): p.stat().st_size for p in files},
+                            "crc32": {p.relative_to(tmp).as_posix(): file_crc32(p) for p in files},
+                            # what this kind of checkpoint must hold; verify() refuses one that lacks any
+                            "required": required, "required_dirs": [SUBDIR_ZERO] if collective is not None else []}
+                write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+                if final.exists():  # the same step saved again (after resuming from an older one)
+                    self._set_aside(final, why="replaced by a new save of the same step")
+                os.rename(tmp, final)
+                _fsync_dir(self.dir)
+                write_text_atomic(self.dir / LATEST, final.name + "\n")
+            except OSError as e:
+                problem = _why(e, tmp)
+        if not self.agree(problem is None):
+            self._fail(tmp, step, problem)
         if self.rank == 0:
-            # Subdirectories too (a DeepSpeed engine's files), named by their path inside the checkpoint.
-            files = sorted(p for p in tmp.rglob("*") if p.is_file() and not p.name.startswith("."))
-            manifest = {"step": step, "world_size": self.world_size,
-                        "files": {p.relative_to(tmp).as_posix(): p.stat().st_size for p in files},
-                        "crc32": {p.relative_to(tmp).as_posix(): file_crc32(p) for p in files}}
-            write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
-            if final.exists():  # the same step saved again (after resuming from an older one)
-                old = self.dir / f".old-{step_name(step)}"
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(final, old)  # deleted by _rotate, after the new one is in place
-            os.rename(tmp, final)
-            _fsync_dir(self.dir)
-            write_text_atomic(self.dir / LATEST, final.name + "\n")
             self._rotate(saved=final)
         self.barrier()
         return final
 
-    def _rotate(self, saved: Path) -> None:
-        """Keep `saved` and the newest keep_last - 1 complete checkpoints before it; delete the
-        other checkpoints before it and whatever killed saves left behind.
+    def _fail(self, tmp: Path, step: int, problem: str | None) -> None:
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial save must not keep the disk full
+        self.barrier()
+        previous = self.candidates()
+        keep = f"; {previous[0].name} is kept and a restart resumes from it" if previous else ""
+        raise CheckpointError(f"could not write checkpoint {step_name(step)} in {self.dir}: "
+                              f"{problem or 'the write failed on another rank'}{keep}")
 
-        Checkpoints after `saved` (left by a run that resumed from an older one) stay: this run
-        replaces each when it gets there.
+    def _set_aside(self, ckpt: Path, why: str) -> None:
+        """A checkpoint that fails verification goes to checkpoints/corrupt/ (never deleted: it may
+        be the user's only copy of something); a good one being replaced is deleted."""
+        if self._verified(ckpt):
+            trash = self.dir / f".old-{ckpt.name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.rename(ckpt, trash)  # deleted by _rotate, after the new one is in place
+            return
+        aside = self.dir / CORRUPT / ckpt.name
+        aside.parent.mkdir(exist_ok=True)
+        n = 1
+        while aside.exists():
+            aside, n = aside.with_name(f"{ckpt.name}.{n}"), n + 1
+        os.rename(ckpt, aside)
+        log.warning("checkpoint %s fails verification (%s); moved to %s (%s)", ckpt.name,
+                    verify(aside, content=True), aside, why)
+
+    def _verified(self, ckpt: Path) -> bool:
+        """verify(content=True), remembered per checkpoint while its MANIFEST is unchanged."""
+        try:
+            key = (ckpt.name, (ckpt / MANIFEST).stat().st_mtime_ns)
+        except OSError:
+            return False
+        if key not in self._good:
+            if verify(ckpt, content=True) is not None:
+                return False
+            self._good.add(key)
+        return True
+
+    def _rotate(self, saved: Path) -> None:
+        """Keep `saved` and the newest keep_last - 1 verified checkpoints before it; delete the other
+        verified ones before it, move every one that fails verification (CRC-32 included) aside to
+        checkpoints/corrupt/ without counting it, and remove what killed saves left behind.
+
+        Checkpoints after `saved` (left by a run that resumed from an older one) stay if they verify:
+        this run replaces each when it gets there.
         """
+        for p in self.all_checkpoints():
+            if p != saved and not self._verified(p):
+                self._set_aside(p, why="found while rotating")
         older = [p for p in self.all_checkpoints() if p.name < saved.name]
-        complete = [p for p in older if verify(p) is None]
-        keep = set(complete[max(0, len(complete) - (self.keep_last - 1)):])
+        keep = set(older[max(0, len(older) - (self.keep_last - 1)):])
         for p in older:
             if p not in keep:
                 # Renamed first, so a kill while deleting leaves a hidden directory, never a
@@ -214,8 +293,15 @@ class Checkpointer:
         """Where to resume from, best first: the one `latest` names, then the others newest first."""
         found = list(reversed(self.all_checkpoints()))
         latest = self.dir / LATEST
-        if latest.is_file():
-            named = self.dir / latest.read_text().strip()
+        try:
+            named = self.dir / latest.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            named = None
+        except (OSError, UnicodeDecodeError) as e:  # a directory, unreadable, not text: newest first
+            log.warning("%s is unreadable (%s); using the newest checkpoint that verifies", latest,
+                        getattr(e, "strerror", None) or type(e).__name__)
+            named = None
+        if named is not None:
             if named in found:
                 found.remove(named)
                 found.insert(0, named)
@@ -225,8 +311,12 @@ class Checkpointer:
 def verify(ckpt: Path, content: bool = False) -> str | None:
     """None if the checkpoint directory is complete, else why not (one line).
 
-    Sizes are always checked (a killed or truncated write); `content=True` also checks every
-    file's CRC-32 (a file corrupted in place), which reads the whole checkpoint.
+    Complete means: the MANIFEST lists every file this kind of checkpoint needs (the model, EMA,
+    train state, one rank file per saving rank, the optimizer or a DeepSpeed engine's files, and
+    whatever else its save declared required), every listed file has its size, and no file is
+    there that the MANIFEST does not list (nothing unlisted is ever read, so nothing unlisted may
+    be there). `content=True` also checks every file's CRC-32 (a file corrupted in place), which
+    reads the whole checkpoint.
     """
     manifest = ckpt / MANIFEST
     if not manifest.is_file():
@@ -234,15 +324,31 @@ def verify(ckpt: Path, content: bool = False) -> str | None:
     try:
         manifest = json.loads(manifest.read_text())
         files, crcs = manifest["files"], manifest.get("crc32", {})
+        world_size = int(manifest.get("world_size", 1))
+        required = {*BASE_FILES, *(rank_file(r) for r in range(world_size)), *manifest.get("required", [])}
+        required_dirs = set(manifest.get("required_dirs", []))
     except (ValueError, KeyError, TypeError) as e:
         return f"unreadable MANIFEST.json ({e})"
+    if not any(name.startswith(SUBDIR_ZERO + "/") for name in files):
+        required.add("optimizer.pt")  # without a DeepSpeed engine, the optimizer state is ours
+    lacking = sorted(required - set(files)) + sorted(d + "/" for d in required_dirs
+                                                     if not any(n.startswith(d + "/") for n in files))
+    if lacking:
+        return f"MANIFEST.json does not list {', '.join(lacking[:3])} (an interleaved or damaged save)"
     for name, size in files.items():
         p = ckpt / name
         if not p.is_file():
             return f"missing file {name}"
         if p.stat().st_size != size:
             return f"{name} has {p.stat().st_size} bytes, expected {size} (truncated?)"
+    unlisted = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*")
+                      if p.is_file() and p.name != MANIFEST and p.relative_to(ckpt).as_posix() not in files)
+    if unlisted:
+        return f"holds {unlisted[0]}, which MANIFEST.json does not list (not written by this save)"
     if content:
+        for name in files:
+            if name not in crcs:
+                return f"MANIFEST.json has no CRC-32 for {name}"
         for name, crc in crcs.items():
             if file_crc32(ckpt / name) != crc:
                 return f"{name} is corrupted (CRC-32 differs from MANIFEST.json)"

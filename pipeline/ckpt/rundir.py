@@ -11,35 +11,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
 from pipeline.ckpt.checkpointer import Checkpointer, newest_loadable, read_weights
-from pipeline.config import Config, from_dict
-from pipeline.errors import CheckpointError, ConfigError, UserError
+from pipeline.config import Config, from_dict, read_yaml_mapping
+from pipeline.errors import CheckpointError, UserError
 
 log = logging.getLogger("pipeline.checkpoint")
 
 CONFIG = "config.yaml"
 WEIGHTS = ("model", "ema")
-
-
-def read_yaml_mapping(path: Path) -> dict:
-    """The mapping in a YAML file; every way it can be unreadable is one line naming the file."""
-    if path.is_dir():
-        raise ConfigError(f"{path} is a directory, not a YAML file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text; fix or remove it") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix or remove it") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return data
 
 
 class RunDir:
@@ -68,13 +48,15 @@ class RunDir:
         """Call `load` on the checkpoint to use (see the module docstring); None if there is none."""
         return newest_loadable(checkpointer or self.checkpointer(), load)
 
-    def newest_weights(self, names: tuple[str, ...] = WEIGHTS) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
-        """(checkpoint, {name: fp32 state dict}) from the checkpoint to use; raises when none loads."""
+    def newest_weights(self, names: tuple[str, ...] = WEIGHTS, *, deepspeed: bool = False
+                       ) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
+        """(checkpoint, {name: fp32 state dict}) from the checkpoint to use; raises when none loads.
+        `deepspeed`: whether the run's config trained with DeepSpeed (its files are read only then)."""
         weights: dict[str, dict[str, torch.Tensor]] = {}
 
         def load(ckpt: Path) -> None:
             weights.clear()
-            weights.update(fp32_weights(ckpt, names))
+            weights.update(fp32_weights(ckpt, names, deepspeed=deepspeed))
 
         ckpt = self.resume(load)
         if ckpt is None:
@@ -82,20 +64,24 @@ class RunDir:
         return ckpt, weights
 
 
-def fp32_weights(ckpt: Path, names: tuple[str, ...] = WEIGHTS) -> dict[str, dict[str, torch.Tensor]]:
+def fp32_weights(ckpt: Path, names: tuple[str, ...] = WEIGHTS, *, deepspeed: bool = False
+                 ) -> dict[str, dict[str, torch.Tensor]]:
     """{name: state dict}: whole fp32 CPU tensors from one checkpoint directory.
 
     The one place that knows how a checkpoint stores its weights. Under DeepSpeed ZeRO the online
     weights come from the fp32 master partitions of every rank (model.safetensors holds the live
     module, bf16 under bf16); the EMA is always saved whole in fp32.
     """
+    has_zero = (ckpt / "deepspeed").exists()
+    if has_zero != deepspeed:
+        raise CheckpointError(f"{ckpt} {'holds' if has_zero else 'lacks'} DeepSpeed files, but the run's config "
+                              f"{'has no' if has_zero else 'has a'} train.deepspeed; it is not this run's checkpoint")
     out = {name: {k: v.float() if v.is_floating_point() else v for k, v in read_weights(ckpt, name).items()}
            for name in names}
-    if "model" in names:
+    if "model" in names and deepspeed:
         from pipeline.ckpt import zero  # DeepSpeed only when a ZeRO checkpoint needs it
 
-        if zero.is_zero_checkpoint(ckpt):
-            out["model"] = zero.fp32_weights(ckpt)
+        out["model"] = zero.fp32_weights(ckpt)
     return out
 
 
@@ -127,8 +113,58 @@ def open_ema(path: str | Path):
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{export_file}: unreadable ({e}); export it again") from None
     else:
-        ckpt, weights = run.newest_weights(("ema",))
+        ckpt, weights = run.newest_weights(("ema",), deepspeed=bool(cfg.train.deepspeed))
         state, source = weights["ema"], ckpt / "ema.safetensors"
     check_fits(model, state, str(source), run.config_path)
     model.load_state_dict(state)
     return cfg, model.eval().requires_grad_(False), source
+
+
+LOCK = "trainer.lock"
+
+
+class RunLock:
+    """One trainer per run directory: an exclusive `flock` on RUN_DIR/trainer.lock, held for the life
+    of the run. The kernel drops it when the process dies (SIGKILL, node failure, SLURM requeue), so
+    a stale lock never blocks a restart; the file itself stays and names the last holder."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import json
+        import os
+        import socket
+        import time
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot write in run_dir '{self.path.parent}' ({e.strerror}); "
+                            f"give a run_dir you can write to") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                who = (f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}")
+            except ValueError:
+                who = "holder unknown"
+            os.close(fd)
+            raise UserError(f"run_dir '{self.path.parent}' is in use by another trainer ({who}); wait for it "
+                            f"to end, stop it, or use another run_dir") from None
+        holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        import os
+
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None

@@ -49,5 +49,15 @@ def decode_image(data: bytes, ext: str, size: int, channels: int) -> np.ndarray:
                 return arr
             img = Image.fromarray(arr[:, :, 0] if channels == 1 else arr)
             return np.asarray(resize_center_crop(img, size)).reshape(size, size, channels)
-    img = Image.open(io.BytesIO(data)).convert("RGB" if channels == 3 else "L")
+    img = to_8bit(Image.open(io.BytesIO(data))).convert("RGB" if channels == 3 else "L")
     return np.asarray(resize_center_crop(img, size)).reshape(size, size, channels)
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16- and 32-bit integer images (16-bit PNG opens as I;16 or I) scaled to 8 bits: PIL's own
+    convert("L") clips them, which turns almost every 16-bit pixel white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(img).astype(np.int64)
+        peak = 65535 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255
+        return Image.fromarray((np.clip(arr, 0, peak) * 255 // peak).astype(np.uint8), mode="L")
+    return img

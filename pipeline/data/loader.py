@@ -34,7 +34,7 @@ import re
 import traceback
 import warnings
 import zlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -286,6 +286,14 @@ class BatchLoader:
     def resumes_exactly(self, state: dict[str, Any]) -> bool:
         """Whether `state` (one rank's) was saved by this rank of the same layout."""
         return all(state.get(k) == v for k, v in self._layout.items())
+
+    def resume(self, mine: dict[str, Any] | None, every_rank: Callable[[], list[dict[str, Any]]]) -> bool:
+        """Continue from a checkpoint: from this rank's own state when the same layout saved it
+        (exactly the next batch), else from every saved rank's state, the epoch's unread samples
+        re-dealt to this layout. Returns whether the resume is exact."""
+        exact = mine is not None and self.resumes_exactly(mine)
+        self.load_state_dict(mine if exact else every_rank())
+        return exact
 
     def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
         states = state if isinstance(state, list) else [state]

@@ -24,6 +24,8 @@ import io
 import json
 import os
 import re
+import shutil
+import stat
 import struct
 import sys
 import tarfile
@@ -35,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.data.decode import IMAGE_EXTS, resize_center_crop
+from pipeline.data.decode import IMAGE_EXTS, resize_center_crop, to_8bit
 
 
 LOSSY_EXTS = ("jpg", "jpeg", "webp")
@@ -83,6 +85,13 @@ def read_folder(root: Path) -> list[Record]:
                 continue
             path = Path(dirpath) / fname
             rel = path.relative_to(root).as_posix()
+            try:
+                regular = stat.S_ISREG(os.stat(path).st_mode)
+            except OSError:
+                regular = False
+            if not regular:  # a FIFO or device would block the read forever; a dangling link fails
+                print(f"ddpm-shards: skipping {path}: not a regular file", file=sys.stderr)
+                continue
             records.append(Record(rel, _class_of(rel), ext, path.read_bytes))
     return records
 
@@ -210,7 +219,7 @@ def select(records: list[Record], rng: np.random.Generator, *, limit: int | None
 
 
 def _reencode(data: bytes, ext: str, size: int) -> tuple[bytes, str]:
-    img = Image.open(io.BytesIO(data))
+    img = to_8bit(Image.open(io.BytesIO(data)))
     img.load()
     if img.mode not in ("L", "RGB", "RGBA", "LA"):
         img = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
@@ -336,16 +345,26 @@ def run(args: argparse.Namespace) -> dict:
     if old and not args.force:
         raise UserError(f"OUT_DIR {str(out_dir)!r} already holds {len(old)} '{name}-*.tar' shards "
                         "(use --force to replace them, or --name)")
-    for p in old:
-        p.unlink()
 
-    shardlist = write_shards(chosen, out_dir, name, shard_size=args.shard_size,
-                             class_index=class_index, write_json=args.write_json,
-                             image_size=args.image_size, progress=not args.quiet)
-    manifest = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": name,
-                "shardlist": shardlist}
-    index = out_dir / f"{name}-index.json"
-    tmp = out_dir / f".{index.name}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, index)
+    # Everything is written into a staging folder first; the old shards are replaced only once
+    # every new shard and the index are complete, so a source that fails halfway costs nothing.
+    staging = out_dir / f".{name}-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        shardlist = write_shards(chosen, staging, name, shard_size=args.shard_size,
+                                 class_index=class_index, write_json=args.write_json,
+                                 image_size=args.image_size, progress=not args.quiet)
+        manifest = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": name,
+                    "shardlist": shardlist}
+        index = f"{name}-index.json"
+        (staging / index).write_text(json.dumps(manifest, indent=1) + "\n")
+        for f in [*(staging / s["url"] for s in shardlist), staging / index]:
+            os.replace(f, out_dir / f.name)  # each file replaced atomically; the index last
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    new = {s["url"] for s in shardlist}
+    for p in old:
+        if p.name not in new:
+            p.unlink()
     return manifest

@@ -29,7 +29,10 @@ def export(run_dir: Path, out_dir: Path) -> Path:
     cfg = run.read_config()
     if out_dir.resolve() == run_dir.resolve():
         raise UserError("OUT_DIR must differ from RUN_DIR")
-    ckpt, weights = run.newest_weights(WEIGHTS)
+    if (out_dir / "checkpoints").exists() or (out_dir / "config.yaml").exists() and not (out_dir / "ema.safetensors").exists():
+        # Its config.yaml would be overwritten, and that run would then sample from this export.
+        raise UserError(f"OUT_DIR {out_dir} is a run directory; export into a new or an export directory")
+    ckpt, weights = run.newest_weights(WEIGHTS, deepspeed=bool(cfg.train.deepspeed))
 
     # The weights must fit the UNet the config describes: checked on the meta device (no memory).
     with torch.device("meta"):

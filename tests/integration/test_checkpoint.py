@@ -1,6 +1,5 @@
 """Checkpoints: complete or invisible at every moment of a save, rotation, corrupted and malicious
 files, config changes on resume, and `ddpm-export`. Real processes killed with SIGKILL: test_kill.py."""
-import json
 import logging
 import os
 import shutil
@@ -16,7 +15,8 @@ import yaml
 from conftest import _reset_accelerate
 from pipeline.ckpt import checkpointer as ck
 from pipeline.ckpt.checkpointer import Checkpointer, newest_loadable, verify
-from test_train import REPO, tiny_cfg
+from ckptkit import RunsCode, forge
+from tiny_run import REPO, tiny_cfg
 
 sys.path.insert(0, str(REPO / "scripts"))
 from kill_soak import train_command  # noqa: E402
@@ -74,12 +74,14 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
     (run / "checkpoints/step-00000002").mkdir()
     shutil.copytree(run / "checkpoints/step-00000005", run / "checkpoints/step-00000009")
     fake_save(c, 6)
-    assert entries(run) == ["latest", "step-00000005", "step-00000006", "step-00000009"]
+    # The incomplete directory is not counted, and not deleted either: it is set aside (issue 15).
+    assert entries(run) == ["corrupt", "latest", "step-00000005", "step-00000006", "step-00000009"]
+    assert (run / "checkpoints/corrupt/step-00000002").is_dir()
     assert latest_name(run) == "step-00000006"
 
     c1 = checkpointer(run, keep_last=1)
     fake_save(c1, 7)
-    assert entries(run) == ["latest", "step-00000007", "step-00000009"]
+    assert entries(run) == ["corrupt", "latest", "step-00000007", "step-00000009"]
     assert verify(run / "checkpoints/step-00000007", content=True) is None
 
 
@@ -170,25 +172,6 @@ def copy_run(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     return run
-
-
-class RunsCode:
-    """Unpickling this runs `touch MARKER`: what a malicious checkpoint would do."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def forge(ckpt, name, data):
-    """Replace a file and rewrite MANIFEST.json to match, as an attacker with write access would."""
-    (ckpt / name).write_bytes(data)
-    manifest = json.loads((ckpt / ck.MANIFEST).read_text())
-    manifest["files"][name] = len(data)
-    manifest["crc32"][name] = ck.file_crc32(ckpt / name)
-    (ckpt / ck.MANIFEST).write_text(json.dumps(manifest))
 
 
 def malicious_pickle(tmp_path, marker):

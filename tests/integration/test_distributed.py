@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_train import REPO, scalars, tiny_cfg
+from tiny_run import REPO, scalars, tiny_cfg
 
 sys.path.insert(0, str(REPO / "scripts"))
 from kill_soak import kill_at_half, resumed_from, run, same, train_command  # noqa: E402
@@ -86,7 +86,7 @@ def test_one_step_is_the_same_for_any_layout_of_the_batch(tmp_path, fresh_accele
     cfg = _equivalence_cfg(tmp_path)
     # 2 real processes (MULTI_CPU, gloo, DDP), forked by debug_launcher from a fresh interpreter: forking
     # this one, whose OpenMP threads earlier tests have started, can deadlock the children.
-    code = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); import test_distributed as t; "
+    code = (f"import sys; sys.path[:0] = [{str(REPO / 'tests')!r}, {str(REPO / 'tests/integration')!r}]; import test_distributed as t; "
             f"t.debug_two_ranks({str(tmp_path)!r})")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,40 +1,11 @@
 """The training loop end to end on the embedded demo shards: real data, real TensorBoard files."""
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from pipeline.config import load_config
 from pipeline.train.trainer import train
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def tiny_cfg(run_dir, *overrides):
-    """A small UNet on the demo data, fast enough for CI (2 cores)."""
-    return load_config(REPO / "configs/demo.yaml", [
-        f"run_dir={run_dir}", f"data.urls={REPO / 'data/demo'}", "data.num_workers=1",
-        "model.channels=8", "model.channel_mult=[1,2]", "model.attention_resolutions=[14]",
-        "train.micro_batch_size=16", "optim.warmup_steps=10", "log.every_steps=5",
-        "log.sample_every_steps=0", "log.num_samples=4", "log.sample_steps=5", *overrides])
-
-
-def scalars(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0, "images": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
-
-
-def weights(ckpt_dir, name):
-    return load_file(Path(ckpt_dir) / f"{name}.safetensors")
-
+from tiny_run import REPO, run_cli, scalars, tiny_cfg, weights  # noqa: F401
 
 def test_loss_falls_and_tensorboard_has_scalars(tmp_path, fresh_accelerate):
     run = tmp_path / "run"
@@ -104,10 +75,6 @@ def test_breaking_config_change_is_refused(tmp_path, fresh_accelerate):
     fresh_accelerate()
     with pytest.raises(ConfigError, match="model.channels: 8 -> 16"):
         train(tiny_cfg(run, "train.max_steps=4", "model.channels=16"))
-
-
-def run_cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("override, needle", [

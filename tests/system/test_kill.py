@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from test_train import REPO, scalars
+from tiny_run import REPO, scalars
 
 sys.path.insert(0, str(REPO / "scripts"))
 from kill_soak import compare_checkpoints, resumed_from, run, soak  # noqa: E402
@@ -18,7 +18,7 @@ N = 20
 
 
 def forge_malicious_rank_file(ckpt, rank, marker):
-    from test_checkpoint import RunsCode, forge
+    from ckptkit import RunsCode, forge
 
     buf = io.BytesIO()
     torch.save(RunsCode(marker), buf)
@@ -58,3 +58,26 @@ def test_sigkill_at_random_moments_with_a_checkpoint_every_step(tmp_path):
     summary = soak(tmp_path, kills=3, steps=28, procs=1, seed=1, max_delay_s=0.3, say=lambda s: None)
     assert summary["problems"] == []
     assert summary["kills"] == 3 and summary["final_identical"] and summary["tensorboard_steps_ok"]
+
+
+def test_a_part_registered_from_outside_round_trips_a_sigkill_resume(tmp_path):
+    """One `registry.register` call and no other change: the part is saved, restored and logged."""
+    from kill_soak import TINY, kill, latest, start, wait_for
+
+    run_dir, steps = tmp_path / "run", 12
+    args = [sys.executable, str(REPO / "tests/system/probe_train.py"), "configs/demo.yaml", f"run_dir={run_dir}",
+            *TINY, f"train.max_steps={steps}", "ckpt.every_steps=2", "ckpt.keep_last=3"]
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = start((args, env), tmp_path / "first.log")
+    try:
+        assert wait_for(lambda: (latest(run_dir) or "") >= "step-00000006", proc, timeout_s=240)
+    finally:
+        kill(proc)
+    saved_at = int(latest(run_dir).split("-")[1])
+    assert saved_at < steps, "killed too late to test anything"
+    done = __import__("subprocess").run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"probe ({saved_at})" in done.stderr, done.stderr[-3000:]  # the restore log line names it
+    assert f"probe counted {steps} steps" in done.stdout
+    final = torch.load(run_dir / f"checkpoints/step-{steps:08d}/rank-00000.pt", weights_only=True)
+    assert final["probe"] == {"steps": steps}
