@@ -18,10 +18,6 @@ import json
 from pathlib import Path
 
 from pipeline.atomic import write_text_atomic
-from pipeline.eval.bpd import make_bpd_fn
-from pipeline.eval.evaluate import EvalOptions, Evaluation
-from pipeline.eval.network import verified_network
-from pipeline.eval.spread import Ranks
 
 _SCALARS = ("fid", "kid", "kid_std", "bpd")
 _BPD_PARTS = ("prior", "decoder", "kl_q0", "kl_q1", "kl_q2", "kl_q3")
@@ -36,6 +32,7 @@ class InLoopEval:
 
     def __init__(self, cfg, runtime, diffusion=None):
         self.cfg, self.every_steps = cfg, cfg.eval.every_steps
+        self.max_steps = cfg.train.max_steps
         self.run_dir = Path(cfg.run_dir)
         self.last_step = -1
         """The last step evaluated (-1: none), saved and restored with the checkpoint."""
@@ -44,6 +41,11 @@ class InLoopEval:
         self.evaluation = None
         if self.every_steps <= 0:
             return
+        # Only an enabled evaluation pays for these imports (scipy, the network loader).
+        from pipeline.eval.evaluate import EvalOptions, Evaluation
+        from pipeline.eval.network import verified_network
+        from pipeline.eval.spread import Ranks
+
         e = cfg.eval
         self.opts = EvalOptions(metrics=list(e.metrics), num=e.num_samples, data=list(e.data_urls or cfg.data.urls),
                                 sampler="ddim", steps=e.sample_steps, seed=e.seed, batch_size=e.batch_size,
@@ -57,8 +59,14 @@ class InLoopEval:
                                      progress=False)
         self.evaluation.shards()
 
+    @property
+    def enabled(self) -> bool:
+        return self.evaluation is not None
+
     def due(self, step: int) -> bool:
-        return self.evaluation is not None and step % self.every_steps == 0 and step > self.last_step
+        """Every every_steps steps and at the last step (as checkpoints), once per step."""
+        return (self.enabled and (step % self.every_steps == 0 or step == self.max_steps)
+                and step > self.last_step)
 
     def maybe_run(self, step: int, ema_model, monitor=None) -> dict | None:
         """Evaluate `ema_model` if `step` is due (a collective then: every rank must call it)."""
@@ -68,6 +76,8 @@ class InLoopEval:
             from pipeline.factory import build_diffusion
 
             self._diffusion = build_diffusion(self.cfg)
+        from pipeline.eval.bpd import make_bpd_fn
+
         diffusion = self._diffusion.to(self.evaluation.device)
         bpd_fn = make_bpd_fn(ema_model, diffusion, self.cfg) if "bpd" in self.opts.metrics else None
         result = self.evaluation.run(ema_model, diffusion, bpd_fn,
@@ -86,6 +96,9 @@ class InLoopEval:
 
     def load_state_dict(self, state: dict) -> None:
         self.last_step = int(state["last_step"])
+
+    def describe(self) -> str:
+        return f"eval (last at step {self.last_step})" if self.last_step >= 0 else "eval (none yet)"
 
 
 def scalars(result: dict) -> dict[str, float]:
