@@ -69,3 +69,31 @@ def stream_sequences(batches: list[list[int]], num_workers: int) -> list[list[in
     out batches round-robin over the workers, starting with worker 0."""
     workers = max(1, num_workers)
     return [[i for b in batches[w::workers] for i in b] for w in range(workers)]
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_folder(root: Path, counts=None) -> dict[str, tuple[str, bytes]]:
+    """An image folder of mixed sizes/modes/formats; returns {relative path: (class, bytes)}."""
+    counts = counts or {"cat": 4, "ant": 3, "dog": 5}
+    rng = np.random.default_rng(0)
+    kinds = [("RGB", (20, 30), "JPEG", "jpg"), ("L", (16, 16), "PNG", "png"),
+             ("RGBA", (12, 9), "PNG", "png"), ("P", (10, 10), "PNG", "png")]
+    files = {}
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            mode, (w, h), fmt, ext = kinds[i % len(kinds)]
+            bands = {"RGB": 3, "L": 1, "RGBA": 4, "P": 1}[mode]
+            arr = rng.integers(0, 256, (h, w, bands), dtype=np.uint8)
+            img = Image.fromarray(arr[..., 0] if bands == 1 else arr, mode="L" if bands == 1 else mode)
+            img = img.convert("P") if mode == "P" else img
+            data = _encode(img, fmt)
+            rel = f"{cls}/img{i:03d}.{ext}"
+            (root / rel).write_bytes(data)
+            files[rel] = (cls, data)
+    return files

@@ -352,9 +352,16 @@ def run(args: argparse.Namespace) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        shardlist = write_shards(chosen, staging, name, shard_size=args.shard_size,
-                                 class_index=class_index, write_json=args.write_json,
-                                 image_size=args.image_size, progress=not args.quiet)
+        try:
+            shardlist = write_shards(chosen, staging, name, shard_size=args.shard_size,
+                                     class_index=class_index, write_json=args.write_json,
+                                     image_size=args.image_size, progress=not args.quiet)
+        except (OSError, UserError) as e:
+            kept = f"; the {len(old)} '{name}-*.tar' shards already in OUT_DIR are unchanged" if old else ""
+            if isinstance(e, OSError):
+                e = UserError(f"reading SOURCE {str(args.source)!r} failed ({e.strerror or e}: "
+                              f"{getattr(e, 'filename', '') or ''})")
+            raise UserError(f"{e}{kept}") from None
         manifest = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": name,
                     "shardlist": shardlist}
         index = f"{name}-index.json"
