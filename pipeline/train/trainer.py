@@ -27,6 +27,7 @@ from pipeline.diffusion import build_timestep_sampler
 from pipeline.dist import preempt
 from pipeline.dist.runtime import Runtime, build_runtime, derive_seed, rng_state, seed_everything, set_rng_state
 from pipeline.errors import CheckpointError, UserError
+from pipeline.eval.inloop import InLoopEval
 from pipeline.factory import build_diffusion, build_model, build_optimizer, count_flops_per_image
 from pipeline.monitor import Monitor, Throughput
 from pipeline.train.registry import CheckpointRegistry, Kind, RankStates
@@ -173,6 +174,8 @@ class Trainer:
         self.after_step: list[Callable[["Trainer"], None]] = []  # extensions, called after every step
         self.after_resume: list[Callable[["Trainer"], None]] = []  # called once the checkpoint (if any) loaded
         self._saved_rng: dict | None = None
+        # In-loop evaluation (eval.every_steps; 0: off, and then nothing of it is built or saved).
+        self.evaluator = InLoopEval(cfg, rt, self.diffusion)
         self.registry = CheckpointRegistry()
         self._register_parts()
 
@@ -206,6 +209,9 @@ class Trainer:
         if sampler.loss_aware:  # the same on every rank (checked at each save), so written once
             reg.register("timestep_sampler", Kind.OBJECT, sampler.state_dict, sampler.load_state_dict,
                          describe=lambda: "timestep sampler's loss history")
+        if self.evaluator.enabled:  # optional: evaluation may be switched on for an existing run
+            reg.register("eval", Kind.JSON, self.evaluator.state_dict, self.evaluator.load_state_dict,
+                         optional=True, describe=self.evaluator.describe)
         reg.register("rng", Kind.RANK, rng_state, self._load_rng, describe=self._describe_rng)
         reg.register("data", Kind.RANK, self.loader.state_dict, self._load_data, describe=self._describe_data)
 
@@ -342,6 +348,10 @@ class Trainer:
                 # Extensions, then samples from the EMA weights, then the checkpoint.
                 for hook in self.after_step:
                     hook(self)
+                # Evaluation of the EMA weights on every rank (before the checkpoint, so a checkpoint
+                # at this step means this step's evaluation is done).
+                if self.evaluator.maybe_run(st.step, self.ema.ema_model, self.monitor) is not None:
+                    self.throughput.reset()
                 if self._due(cfg.log.sample_every_steps):
                     self.sample_grid()
                 if self._due(cfg.ckpt.every_steps):
