@@ -39,6 +39,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.atomic import fsync_dir as _fsync_dir
+from pipeline.atomic import write_text_atomic
 from pipeline.errors import CheckpointError
 
 log = logging.getLogger("pipeline.checkpoint")
@@ -62,25 +64,6 @@ def rank_file(rank: int) -> str:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text`: readers see the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def file_crc32(path: Path) -> int:
