@@ -451,7 +451,8 @@ def validate(cfg: Config) -> None:
            f"must be a list of fid, kid, bpd, got {e.metrics}")
     _check(e.num_samples >= 2, "eval.num_samples", f"must be >= 2, got {e.num_samples}")
     # checked only when the in-loop eval is on: the default 100 must not refuse a short schedule
-    _check(e.every_steps == 0 or 1 <= e.sample_steps <= df.timesteps, "eval.sample_steps",
+    samples = e.every_steps > 0 and bool({"fid", "kid"} & set(e.metrics))  # bpd alone samples nothing
+    _check(not samples or 1 <= e.sample_steps <= df.timesteps, "eval.sample_steps",
            f"must be in [1, diffusion.timesteps={df.timesteps}], got {e.sample_steps}")
     _check(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
 

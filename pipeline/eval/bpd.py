@@ -20,7 +20,8 @@ import torch
 
 from pipeline.eval.noise import BPD, IndexedNoise
 
-# (x0 (B, C, H, W) in [-1, 1], noise_fn) -> object with prior (B,), terms (B, T), total (B,) in bits/dim
+# (x0 (B, C, H, W) in [-1, 1], noise_fn) -> object with prior (B,), terms (B, T), total (B,) in bits/dim;
+# noise_fn(t, shape) is `pipeline.diffusion.vlb.NoiseFn`: the eps of term t for the whole batch.
 BpdFn = Callable[[torch.Tensor, Callable], object]
 
 
@@ -44,7 +45,9 @@ def bpd_rows(bpd_fn: BpdFn, images: np.ndarray, indices: Sequence[int], *, seed:
         x0 = to_model_range(images[start:start + len(chunk)]).to(device)
         noise = IndexedNoise(seed, chunk, stream=BPD, device=device)
         with torch.no_grad():
-            out = bpd_fn(x0, noise)
+            # Each image's generator yields its terms' eps in the order bpd_terms asks for them
+            # (t = T-1 down to 0), so t itself is not needed to key the draw.
+            out = bpd_fn(x0, lambda t, shape: noise(shape))
         rows.append(torch.cat([out.total[:, None], out.prior[:, None], out.terms], dim=1)
                     .double().cpu().numpy())
         if bar is not None:

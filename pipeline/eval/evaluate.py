@@ -69,7 +69,8 @@ class EvalOptions:
             raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler must be ddim or ddpm, got {self.sampler!r}")
-        if timesteps is not None and not 1 <= self.steps <= timesteps:
+        generates = self.samples is None and bool(set(self.metrics) & {"fid", "kid"})
+        if generates and timesteps is not None and not 1 <= self.steps <= timesteps:
             raise ConfigError(f"--steps must be in [1, diffusion.timesteps={timesteps}], got {self.steps}")
         if "bpd" in self.metrics and not has_model:
             raise ConfigError("--metrics bpd needs a model: give a RUN_DIR or EXPORT_DIR")

@@ -46,7 +46,8 @@ def export_dir(tmp_path_factory):
     """An export directory (config.yaml + ema.safetensors) of a tiny random-init UNet on the demo data."""
     out = tmp_path_factory.mktemp("export")
     cfg = load_config(REPO / "configs/demo.yaml", [f"data.urls={DEMO}", "model.channels=8", "model.channel_mult=[1,2]",
-                                                   "model.attention_resolutions=[14]"])
+                                                   "model.attention_resolutions=[14]",
+                                                   "diffusion.timesteps=100"])
     torch.manual_seed(0)
     save_file(build_model(cfg).state_dict(), out / "ema.safetensors")
     (out / "config.yaml").write_text(to_yaml(cfg))
@@ -123,6 +124,25 @@ def test_numbers_do_not_depend_on_world_size_batch_size_or_the_cache(tmp_path, e
     three = ddpm_eval(*common[:-2], "--out", tmp_path / "three.json", launcher=two_processes())
     assert three.returncode == 0, three.stderr
     assert _result(tmp_path / "three.json")["kid"] == r1["kid"]
+
+
+@pytest.mark.slow  # all T = 100 terms of 4 images, once with 1 process and once with 2: ~15 s
+def test_bpd_does_not_depend_on_world_size_or_batch_size(tmp_path, export_dir):
+    # Needs no FID network: bits/dim is the model's own bound. Image i's noise is keyed to (seed, i),
+    # so splitting the 4 held-out images over 2 ranks in batches of 1 gives the same terms.
+    common = [export_dir, "--metrics", "bpd", "--num", "4", "--data", DEMO]
+    one = ddpm_eval(*common, "--batch-size", "4", "--out", tmp_path / "one.json")
+    assert one.returncode == 0, one.stderr
+    two = ddpm_eval(*common, "--batch-size", "1", "--out", tmp_path / "two.json", launcher=two_processes())
+    assert two.returncode == 0, two.stderr
+    r1, r2 = _result(tmp_path / "one.json"), _result(tmp_path / "two.json")
+    assert (r1["world_size"], r2["world_size"]) == (1, 2)
+    b1, b2 = r1["bpd_breakdown"], r2["bpd_breakdown"]
+    assert len(b1["terms_mean"]) == 100 and 0 < r1["bpd"] < 100
+    # float32 convolutions of a batch of 4 and of 1 may round differently in the last bit.
+    np.testing.assert_allclose(b2["terms_mean"], b1["terms_mean"], rtol=1e-5, atol=1e-7)
+    for key in ("bpd", "prior", "decoder", "kl_q0", "kl_q1", "kl_q2", "kl_q3"):
+        assert b2[key] == pytest.approx(b1[key], rel=1e-5), key
 
 
 @needs_network

@@ -85,3 +85,21 @@ def test_scalars_of_a_full_result():
     tags = scalars(res)
     assert tags["eval/fid"] == 3.0 and tags["eval/bpd_decoder"] == 1.0 and tags["eval/bpd_kl_q3"] == 0.09
     assert len(tags) == 10
+
+
+def test_bpd_in_the_loop_logs_the_bound_and_its_parts(tmp_path):
+    # Needs no FID network. T = 50 keeps all T terms of 2 images quick.
+    cfg = _cfg(tmp_path, "eval.every_steps=2", "eval.metrics=[bpd]", "eval.num_samples=2", "diffusion.timesteps=50")
+    ev = InLoopEval(cfg, RUNTIME)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    monitor = Monitor()
+    first = ev.maybe_run(2, model, monitor)
+    parts = first["bpd_breakdown"]
+    assert len(parts["terms_mean"]) == 50 and 0 < first["bpd"] < 100
+    assert first["bpd"] == pytest.approx(parts["prior"] + parts["decoder"] + sum(parts[f"kl_q{q}"] for q in range(4)))
+    (step, logged), = monitor.logged
+    assert step == 2 and logged["eval/bpd"] == first["bpd"] and logged["eval/bpd_decoder"] == parts["decoder"]
+    redo = InLoopEval(cfg, RUNTIME)
+    redo.load_state_dict({"last_step": 0})
+    assert redo.maybe_run(2, model, Monitor())["bpd"] == first["bpd"]  # the same step, the same number

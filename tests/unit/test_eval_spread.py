@@ -84,7 +84,8 @@ class StandInTerms:
 
     def __call__(self, x0, noise_fn):
         b = x0.shape[0]
-        terms = torch.stack([(x0 + noise_fn(x0.shape, t)).pow(2).flatten(1).mean(1) for t in range(self.T)], 1)
+        terms = torch.stack([(x0 + noise_fn(t, tuple(x0.shape))).pow(2).flatten(1).mean(1)
+                             for t in range(self.T)], 1)  # vlb.NoiseFn's (t, shape)
         prior = x0.flatten(1).abs().mean(1)
         return type("BpdTerms", (), {"prior": prior, "terms": terms, "total": prior + terms.sum(1)})()
 
