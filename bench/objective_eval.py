@@ -46,6 +46,11 @@ ARMS = {
 }
 
 
+def dir_name(arm: str) -> str:
+    """The run directory (and --only name) of an arm."""
+    return "fixed_simple" if not ARMS[arm] else "learned_hybrid"
+
+
 def shard_images(pattern: str, num: int, size: int, channels: int) -> np.ndarray:
     """uint8 (N, C, H, W): the first `num` images of the shards, in shard order."""
     from pipeline.data.urls import resolve_urls
@@ -135,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-train", action="store_true", help="evaluate the existing runs only")
     p.add_argument("--train-only", action="store_true", help="train the arms, evaluate later")
     p.add_argument("--no-fid", action="store_true")
+    p.add_argument("--no-bpd", action="store_true", help="skip bits/dim (the slow part: all T terms per image)")
+    p.add_argument("--only", choices=[dir_name(n) for n in ARMS], help="train or evaluate this arm only "
+                   "(two --train-only --only runs side by side use both cores)")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     args.work.mkdir(parents=True, exist_ok=True)
@@ -142,25 +150,29 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
                "steps": args.steps, "sample_steps": args.sample_steps, "arms": {}}
-    for name, extra in ARMS.items():  # one at a time: 2 shared cores
-        run_dir = args.work / ("fixed_simple" if not extra else "learned_hybrid")
+    arms = {n: e for n, e in ARMS.items() if args.only in (None, dir_name(n))}
+    for name, extra in arms.items():  # one at a time: 2 shared cores
+        run_dir = args.work / dir_name(name)
         if not args.skip_train:
             results["arms"].setdefault(name, {})["train_s"] = train(run_dir, args.steps, extra,
                                                                      args.work / f"{run_dir.name}.log")
-    if args.train_only:
-        args.out.with_suffix(".train.json").write_text(json.dumps(results, indent=1))
+    train_json = args.out.with_suffix(".train.json")
+    if args.train_only:  # merged with what another --only run wrote
+        merged = json.loads(train_json.read_text()) if train_json.is_file() else results
+        merged["arms"].update(results["arms"])
+        train_json.write_text(json.dumps(merged, indent=1))
         return 0
-    if args.skip_train and args.out.with_suffix(".train.json").is_file():  # keep the training times
-        results["arms"] = json.loads(args.out.with_suffix(".train.json").read_text())["arms"]
+    if args.skip_train and train_json.is_file():  # keep the training times
+        results["arms"] = {n: a for n, a in json.loads(train_json.read_text())["arms"].items() if n in arms}
 
-    cfg0, _, _ = open_ema(args.work / "fixed_simple")
+    cfg0, _, _ = open_ema(args.work / dir_name(next(iter(arms))))
     held_out = shard_images(HELD_OUT_SHARD, args.num_bpd, cfg0.data.image_size, cfg0.data.channels)
     fid_of = None if args.no_fid else fid_fn(shard_images(TRAIN_SHARDS, args.num_ref, cfg0.data.image_size,
                                                               cfg0.data.channels))
     from pipeline.monitor import make_grid, save_png
 
-    for name, extra in ARMS.items():
-        run_dir = args.work / ("fixed_simple" if not extra else "learned_hybrid")
+    for name in arms:
+        run_dir = args.work / dir_name(name)
         cfg, model, weights = open_ema(run_dir)
         model.eval()
         diffusion = build_diffusion(cfg)
@@ -169,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         variances = [cfg.diffusion.variance]
         if not diffusion.objective.learned_variance:  # the same weights scored with the other fixed Σ
             variances.append("fixed_small" if cfg.diffusion.variance == "fixed_large" else "fixed_large")
-        for var in variances:
+        for var in ([] if args.no_bpd else variances):
             objective = Objective.from_config(cfg.diffusion) if var == cfg.diffusion.variance else \
                 Objective(prediction=cfg.diffusion.prediction, variance=var)
             t0 = time.perf_counter()
@@ -199,7 +211,7 @@ def table(results: dict) -> str:
     for name, arm in results["arms"].items():
         own = f"bpd[{arm['objective']['variance']}]"
         other = [k for k in arm if k.startswith("bpd[") and k != own]
-        cell = lambda k: f"{arm[k]['bpd']:.3f} ± {arm[k]['bpd_sem']:.3f} ({k[4:-1]})"  # noqa: E731
+        cell = lambda k: f"{arm[k]['bpd']:.3f} ± {arm[k]['bpd_sem']:.3f} ({k[4:-1]})" if k in arm else "n/a"  # noqa: E731
         fid = lambda k: f"{arm[k]['fid']:.1f}" if "fid" in arm.get(k, {}) else "n/a"  # noqa: E731
         steps = results.get("sample_steps", 50)
         rows.append(f"| {name} | {cell(own)} | {cell(other[0]) if other else '-'} | {fid(f'ddpm{steps}')} | "
