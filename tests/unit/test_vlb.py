@@ -276,7 +276,7 @@ def test_discretized_likelihood_matches_improved_diffusion():
 
 def test_noise_fn_keys_the_noise():
     """Each term uses noise_fn(t, shape): the same image gives the same terms in any batch."""
-    d, nf = make_diffusion(), noise_fn()
+    d = make_diffusion()
     x0 = images(B=4)
     per_sample = lambda t, shape: torch.stack([  # noqa: E731
         torch.randn(shape[1:], generator=torch.Generator().manual_seed(1000 * i + t), dtype=F64)
