@@ -83,7 +83,6 @@ class StandInTerms:
     T = 8
 
     def __call__(self, x0, noise_fn):
-        b = x0.shape[0]
         terms = torch.stack([(x0 + noise_fn(t, tuple(x0.shape))).pow(2).flatten(1).mean(1)
                              for t in range(self.T)], 1)  # vlb.NoiseFn's (t, shape)
         prior = x0.flatten(1).abs().mean(1)
