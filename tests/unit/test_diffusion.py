@@ -23,13 +23,7 @@ F64 = torch.float64
 T = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small elementwise ops on 2 shared cores are ~30x slower with 2 OpenMP threads.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/unit/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,10 @@ used here, `FidHelper.update_*_stat` -> `extract_feats` -> `nv_bilinear_float` -
 does not). They are not installed (we install the package --no-deps), so the reference runs in a
 subprocess where those two names are empty stub modules; nothing else of the package is replaced.
 """
-import json
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,5 +1,4 @@
 """pipeline.objectives and pipeline.timesteps against closed forms, in float64."""
-import math
 
 import numpy as np
 import pytest
@@ -16,12 +15,7 @@ T = 50
 PREDICTIONS = ["eps", "x0", "v"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/unit/conftest.py
 
 
 def zero_snr_betas(T):

@@ -25,12 +25,7 @@ MU = torch.tensor([0.3, -0.6, 1.2, 0.8], dtype=F64)
 SD = torch.tensor([0.5, 0.5, 0.3, 0.8], dtype=F64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/unit/conftest.py
 
 
 def oracle(prediction, betas):

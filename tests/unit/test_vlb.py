@@ -15,12 +15,7 @@ F64 = torch.float64
 T = 20  # a short schedule keeps the per-t loops fast; the linear schedule's ends as in the paper
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/unit/conftest.py
 
 
 def make_diffusion(T=T):
