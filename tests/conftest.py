@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # the shared helpers (tiny_run, shardkit, slurm_cluster) for every layer
@@ -38,3 +39,16 @@ def fresh_accelerate():
     _reset_accelerate()
     yield _reset_accelerate
     _reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run the module's tests with one torch thread: small elementwise ops on 2 shared cores are
+    ~30x slower with 2 OpenMP threads. Use with ``pytestmark = pytest.mark.usefixtures(...)``.
+
+    It lives here, not in a tests/unit/conftest.py: a second module named ``conftest`` would shadow
+    this one for the tests that ``from conftest import _reset_accelerate``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
