@@ -2,6 +2,8 @@
 
     nice python bench/objective_eval.py --steps 1200 --work runs/objective_eval --out bench/results/objective_eval.json
 
+(BENCHMARKS.md, "Objectives", gives the side-by-side commands that made its table.)
+
 Both arms train configs/demo.yaml for the same number of steps on shards 0-3 of data/demo/ (the same
 seed, data order, model and optimizer; only the objective differs), holding out shard 4. Each arm
 is trained by `ddpm-train` in a subprocess, one after the other (a finished run is not retrained:
