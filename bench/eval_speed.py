@@ -44,7 +44,7 @@ def timed(fn):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph, whole
     p.add_argument("--config", default=str(REPO / "configs/demo.yaml"))
     p.add_argument("--images", type=int, default=64, help="images per timed row (default 64)")
     p.add_argument("--batch-size", type=int, default=32)

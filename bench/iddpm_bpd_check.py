@@ -33,7 +33,7 @@ from pipeline.factory import build_diffusion  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph, whole
     p.add_argument("run_dir", type=Path, help="run or export directory (EMA weights)")
     p.add_argument("--iddpm", type=Path, required=True, help="improved-diffusion checkout (holds improved_diffusion/)")
     p.add_argument("--data", required=True, help="held-out shards (anything data.urls accepts)")

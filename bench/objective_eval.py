@@ -129,7 +129,7 @@ def fid_fn(reference: np.ndarray):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))  # the first paragraph, whole
     p.add_argument("--steps", type=int, default=1200, help="training steps per arm (demo config: batch 64)")
     p.add_argument("--work", type=Path, default=REPO / "runs/objective_eval", help="run directories go here")
     p.add_argument("--out", type=Path, default=REPO / "bench/results/objective_eval.json")
